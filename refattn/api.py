@@ -1,0 +1,80 @@
+"""Public functions: layout normalisation at the door, dispatch through the registry."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core.blockmask import BlockMask
+from .core.errors import InputError
+from .core.layout import default_scale, from_bhsd, normalize_qkv, to_bhsd, check_float
+from .core.registry import dispatch
+from .core.scores import Selection
+from .reference import attention as _ref_attention  # noqa: F401  (defines the ops)
+
+
+def attention_mask_of(mask: Any) -> Any:
+    """What attention runs for ``mask``: a BlockMask, a token-level mask object, or None.
+
+    A :class:`Selection` gives its ``extras["token_mask"]`` when the method produced a
+    token-level structure (MInference's columns and diagonals, PBS's permuted keys), else
+    its block mask.
+    """
+    if isinstance(mask, Selection):
+        tm = mask.extras.get("token_mask")
+        return tm if tm is not None else mask.mask
+    if mask is None or isinstance(mask, BlockMask) or hasattr(mask, "token_rows"):
+        return mask
+    raise InputError(f"mask: expected a BlockMask or Selection, got {type(mask).__name__}")
+
+
+def attention(q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False,
+              softmax_scale: float | None = None, layout: str = "bhsd",
+              return_lse: bool = False, backend: str = "numpy") -> Any:
+    """Attention, dense (``mask=None``) or block-sparse (a :class:`BlockMask` or
+    :class:`Selection`).
+
+    Shapes in ``bhsd``: q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``, v ``[B, Hkv, Sk, Dv]``
+    (``layout="bshd"`` / ``"hsd"`` accepted explicitly). GQA: query head ``h`` reads kv head
+    ``h // (Hq // Hkv)``. Causal is bottom-right aligned. Blocks outside the mask contribute
+    nothing; a row with no visible key gives output 0 and LSE ``-inf``.
+
+    Returns ``out`` in the input layout (float64 from the reference, float32 from kernels),
+    and ``lse [B, Hq, Sq]`` (natural log) when ``return_lse``.
+    """
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
+    scale = default_scale(shape.head_dim, softmax_scale)
+    m = attention_mask_of(mask)
+    fn = dispatch("attention_fwd", backend, (q, k, v))
+    out, lse = fn(q4, k4, v4, m, bool(causal), scale)
+    out = from_bhsd(out, layout)
+    if layout == "hsd":
+        lse = lse[0]
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, *,
+                       mask: Any = None, causal: bool = False, softmax_scale: float | None = None,
+                       layout: str = "bhsd", backend: str = "numpy") -> tuple[Any, Any, Any]:
+    """Gradients ``(dq, dk, dv)`` of :func:`attention` given its ``out``, ``lse`` and the
+    output gradient ``dout`` (same layout as ``out``). GQA: dk/dv are summed over the query
+    heads of each group. Returned in the input layout."""
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
+    o4 = to_bhsd(out, layout, "out")
+    do4 = to_bhsd(dout, layout, "dout")
+    want = (shape.batch, shape.q_heads, shape.q_len, shape.v_dim)
+    for name, x in (("out", o4), ("dout", do4)):
+        check_float(x, name)
+        if x.shape != want:
+            raise InputError(f"{name}: expected shape {want} (bhsd terms), got {x.shape}")
+    l = np.asarray(lse)
+    if layout == "hsd" and l.ndim == 2:
+        l = l[None]
+    if l.shape != want[:3]:
+        raise InputError(f"lse: expected shape {want[:3]}, got {l.shape}")
+    if np.isnan(l).any() or (l == np.inf).any():
+        raise InputError("lse: contains NaN or +inf")
+    scale = default_scale(shape.head_dim, softmax_scale)
+    fn = dispatch("attention_bwd", backend, (q, k, v))
+    dq, dk, dv = fn(q4, k4, v4, o4, do4, l, attention_mask_of(mask), bool(causal), scale)
+    return from_bhsd(dq, layout), from_bhsd(dk, layout), from_bhsd(dv, layout)

@@ -1,0 +1,1 @@
+"""NumPy reference implementations (float64 inside): the specification."""
