@@ -16,7 +16,7 @@ from .core import (
     unpermute,
 )
 from .core.registry import available_backends
-from .api import attention, attention_backward
+from .api import attention, attention_backward, methods, select
 from .reference.memory import get_memory_limit, set_memory_limit
 from .reference.metrics import evaluate
 
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockMask", "BlockScores", "Selection", "InputError", "MemoryLimitError",
     "apply_permutation", "invert_permutation", "make_permutation", "unpermute",
-    "attention", "attention_backward", "evaluate", "get_memory_limit", "set_memory_limit",
+    "attention", "attention_backward", "select", "methods", "evaluate", "get_memory_limit", "set_memory_limit",
     "available_backends", "__version__",
 ]

@@ -78,3 +78,31 @@ def attention_backward(q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, *,
     fn = dispatch("attention_bwd", backend, (q, k, v))
     dq, dk, dv = fn(q4, k4, v4, o4, do4, l, attention_mask_of(mask), bool(causal), scale)
     return from_bhsd(dq, layout), from_bhsd(dk, layout), from_bhsd(dv, layout)
+
+
+def select(q: Any, k: Any, method: str, *, v: Any = None, layout: str = "bhsd",
+           causal: bool = True, backend: str = "numpy", **params: Any) -> Selection:
+    """Run a method's scoring and selection rule; returns a :class:`Selection`.
+
+    Shapes as :func:`attention`. ``params`` are the method's parameters (see
+    :func:`methods`); unknown names or out-of-range values raise :class:`InputError`.
+    The result goes straight into :func:`attention` (``mask=selection``).
+    """
+    from .methods import get_method
+
+    info = get_method(method)
+    p = info.make_params(**params)
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
+    if info.needs_v and v4 is None:
+        raise InputError(f"method {method!r} needs v")
+    sel = info.select(q4, k4, v4, p, causal=bool(causal), backend=backend)
+    sel.method = method
+    sel.params = dict(vars(p)) if hasattr(p, "__dict__") else {}
+    return sel
+
+
+def methods(kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every registered method: kind, summary, parameters with defaults, paper, code."""
+    from .methods import list_methods
+
+    return {n: m.describe() for n, m in list_methods(kind).items()}
