@@ -7,8 +7,9 @@ import numpy as np
 
 from .core.blockmask import BlockMask
 from .core.errors import InputError
-from .core.layout import default_scale, from_bhsd, normalize_qkv, to_bhsd, check_float
-from .core.registry import dispatch
+from .core.layout import (as_array, as_numpy, check_float, default_scale, from_bhsd,
+                          normalize_qkv, to_bhsd)
+from .core.registry import dispatch, resolve_backend
 from .core.scores import Selection
 from .reference import attention as _ref_attention  # noqa: F401  (defines the ops)
 
@@ -42,10 +43,13 @@ def attention(q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False,
     Returns ``out`` in the input layout (float64 from the reference, float32 from kernels),
     and ``lse [B, Hq, Sq]`` (natural log) when ``return_lse``.
     """
-    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
-    scale = default_scale(shape.head_dim, softmax_scale)
     m = attention_mask_of(mask)
-    fn = dispatch("attention_fwd", backend, (q, k, v))
+    if backend == "auto" and m is not None and not isinstance(m, BlockMask):
+        backend = "numpy"  # token-level masks (MInference, PBS) run on the reference
+    chosen = resolve_backend("attention_fwd", backend, (q, k, v))
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout, device=(chosen == "cupy"))
+    scale = default_scale(shape.head_dim, softmax_scale)
+    fn = dispatch("attention_fwd", chosen)
     out, lse = fn(q4, k4, v4, m, bool(causal), scale)
     out = from_bhsd(out, layout)
     if layout == "hsd":
@@ -59,23 +63,25 @@ def attention_backward(q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, *,
     """Gradients ``(dq, dk, dv)`` of :func:`attention` given its ``out``, ``lse`` and the
     output gradient ``dout`` (same layout as ``out``). GQA: dk/dv are summed over the query
     heads of each group. Returned in the input layout."""
-    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
-    o4 = to_bhsd(out, layout, "out")
-    do4 = to_bhsd(dout, layout, "dout")
+    chosen = resolve_backend("attention_bwd", backend, (q, k, v))
+    dev = chosen == "cupy"
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout, device=dev)
+    o4 = to_bhsd(out, layout, "out", device=dev)
+    do4 = to_bhsd(dout, layout, "dout", device=dev)
     want = (shape.batch, shape.q_heads, shape.q_len, shape.v_dim)
     for name, x in (("out", o4), ("dout", do4)):
         check_float(x, name)
         if x.shape != want:
             raise InputError(f"{name}: expected shape {want} (bhsd terms), got {x.shape}")
-    l = np.asarray(lse)
+    l = as_array(lse, "lse") if dev else as_numpy(lse, "lse")
     if layout == "hsd" and l.ndim == 2:
         l = l[None]
     if l.shape != want[:3]:
         raise InputError(f"lse: expected shape {want[:3]}, got {l.shape}")
-    if np.isnan(l).any() or (l == np.inf).any():
+    if bool((l != l).any()) or bool((l == np.inf).any()):
         raise InputError("lse: contains NaN or +inf")
     scale = default_scale(shape.head_dim, softmax_scale)
-    fn = dispatch("attention_bwd", backend, (q, k, v))
+    fn = dispatch("attention_bwd", chosen)
     dq, dk, dv = fn(q4, k4, v4, o4, do4, l, attention_mask_of(mask), bool(causal), scale)
     return from_bhsd(dq, layout), from_bhsd(dk, layout), from_bhsd(dv, layout)
 

@@ -28,6 +28,39 @@ def _check_layout(layout: str) -> str:
     return layout.lower()
 
 
+def is_device_array(x: Any) -> bool:
+    """True for GPU arrays (CuPy, or anything exposing ``__cuda_array_interface__`` or a
+    CUDA DLPack device)."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None and not isinstance(x, np.ndarray):
+        try:
+            return int(dev()[0]) != 1  # kDLCPU == 1
+        except Exception:
+            return False
+    return False
+
+
+def as_array(x: Any, name: str) -> Any:
+    """Return ``x`` as a NumPy array (host inputs) or a CuPy array (device inputs).
+
+    Host arrays of other frameworks come in by DLPack; device arrays by DLPack first, then
+    ``__cuda_array_interface__``. Nothing is ever copied between host and device here.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if is_device_array(x):
+        import cupy  # only device inputs need it
+
+        if isinstance(x, cupy.ndarray):
+            return x
+        if hasattr(x, "__dlpack__"):
+            return cupy.from_dlpack(x)
+        return cupy.asarray(x)
+    return as_numpy(x, name)
+
+
 def as_numpy(x: Any, name: str) -> np.ndarray:
     """Return ``x`` as a NumPy array without copying across devices.
 
@@ -36,7 +69,7 @@ def as_numpy(x: Any, name: str) -> np.ndarray:
     """
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "__cuda_array_interface__"):
+    if is_device_array(x):
         raise InputError(f"{name}: a GPU array was given to a CPU backend; use backend='cupy' "
                          "or copy it to the host yourself")
     if hasattr(x, "__dlpack__"):
@@ -61,16 +94,19 @@ def check_float(x: np.ndarray, name: str, *, finite: bool = True) -> None:
     if dtype_name(x) not in FLOAT_DTYPES:
         raise InputError(f"{name}: expected a float dtype in {FLOAT_DTYPES}, got {x.dtype}")
     if finite and x.size:
+        xp = np if isinstance(x, np.ndarray) else __import__("cupy")
         xf = x if x.dtype.kind == "f" else x.astype(np.float32)
-        if not np.isfinite(xf).all():
-            bad = np.argwhere(~np.isfinite(xf))[0]
+        if not bool(xp.isfinite(xf).all()):
+            bad = xp.argwhere(~xp.isfinite(xf))[0]
             raise InputError(f"{name}: contains NaN or Inf (first at index {tuple(int(i) for i in bad)})")
 
 
-def to_bhsd(x: Any, layout: str, name: str = "array") -> np.ndarray:
-    """View ``x`` (given in ``layout``) as ``[B, H, S, D]``; no copy."""
+def to_bhsd(x: Any, layout: str, name: str = "array", *, device: bool = False) -> Any:
+    """View ``x`` (given in ``layout``) as ``[B, H, S, D]``; no copy.
+
+    Host arrays become NumPy; with ``device=True`` GPU arrays are accepted (as CuPy)."""
     layout = _check_layout(layout)
-    x = as_numpy(x, name)
+    x = as_array(x, name) if device else as_numpy(x, name)
     want = 3 if layout == "hsd" else 4
     if x.ndim != want:
         raise InputError(f"{name}: layout {layout!r} needs a {want}-d array "
@@ -143,15 +179,16 @@ class AttnShape:
 
 
 def normalize_qkv(q: Any, k: Any, v: Any | None = None, *, layout: str = "bhsd",
-                  check_finite: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, AttnShape]:
+                  check_finite: bool = True, device: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, AttnShape]:
     """Validate q, k (and v) and return ``bhsd`` views plus their :class:`AttnShape`.
 
     Shapes: q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``, v ``[B, Hkv, Sk, Dv]`` in ``bhsd``
     terms. Dtypes are kept (the reference upcasts per chunk); NaN/Inf are refused.
+    ``device=True`` (the cupy backend) also accepts GPU arrays and returns CuPy views.
     """
-    q4 = to_bhsd(q, layout, "q")
-    k4 = to_bhsd(k, layout, "k")
-    v4 = None if v is None else to_bhsd(v, layout, "v")
+    q4 = to_bhsd(q, layout, "q", device=device)
+    k4 = to_bhsd(k, layout, "k", device=device)
+    v4 = None if v is None else to_bhsd(v, layout, "v", device=device)
     for name, x in (("q", q4), ("k", k4), ("v", v4)):
         if x is not None:
             check_float(x, name, finite=check_finite)

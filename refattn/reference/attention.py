@@ -23,36 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core.blockmask import BlockMask
-from ..core.errors import InputError
+from ..core.blockmask import prepare_mask
 from ..core.layout import AttnShape, causal_offset
 from ..core.registry import define_op
 from .memory import rows_per_chunk
-
-
-def prepare_mask(mask: Any, shape: AttnShape) -> Any:
-    """Validate a mask against the problem and expand a ``"kv"`` BlockMask to query heads.
-
-    Accepts ``None``, a :class:`BlockMask`, or any object with ``q_len``, ``k_len``,
-    ``batch_heads() -> (B, H)`` optional, and ``token_rows(b, h0, h1, r0, r1)``.
-    """
-    if mask is None:
-        return None
-    if not hasattr(mask, "token_rows"):
-        raise InputError(f"mask: expected a BlockMask (or token-mask object), got {type(mask).__name__}")
-    if (mask.q_len, mask.k_len) != (shape.q_len, shape.k_len):
-        raise InputError(f"mask: built for (q_len, k_len) = ({mask.q_len}, {mask.k_len}) but the "
-                         f"inputs have ({shape.q_len}, {shape.k_len})")
-    if isinstance(mask, BlockMask):
-        if mask.head_kind == "kv" and mask.shape[1] not in (1, shape.kv_heads):
-            raise InputError(f"mask: {mask.shape[1]} kv-head masks for {shape.kv_heads} kv heads")
-        mask = mask.expand_heads(shape.q_heads)
-        B, H = mask.shape[:2]
-        if B not in (1, shape.batch):
-            raise InputError(f"mask: batch {B} does not match the inputs' {shape.batch}")
-        if H not in (1, shape.q_heads):
-            raise InputError(f"mask: {H} head masks do not match {shape.q_heads} query heads")
-    return mask
 
 
 def _visible(mask: Any, causal: bool, b: int, h0: int, h1: int, r0: int, r1: int,

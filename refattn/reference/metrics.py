@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.blockmask import BlockMask
+from ..core.blockmask import BlockMask, prepare_mask
 from ..core.layout import AttnShape, causal_offset
-from .attention import attention_forward, prepare_mask
+from .attention import attention_forward
 
 
 def visible_pairs(q_len: int, k_len: int, causal: bool) -> int:
