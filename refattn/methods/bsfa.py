@@ -1,0 +1,255 @@
+"""BSFA: Block-Sparse FlashAttention (exact tile max of the logits vs calibrated thresholds).
+
+Paper: Ohayon et al., "Block Sparse Flash Attention", arXiv 2512.07011.
+Official code: Danielohayon/Block-Sparse-Flash-Attention @ c3ee81e15c0a0609fe1dfc298d3c29b0f3f2a8a9
+(``kernel_src/csrc/flash_attn/src/flash_fwd_kernel.h:compute_attn_1rowblock``,
+``kernel_src/block_sparse_flash_attn/flash_attn_interface.py``, ``thresholds/calibrate.py``).
+
+Idea: inside a FlashAttention-2 kernel the logits of every tile are computed anyway; a tile
+whose largest scaled logit is below a calibrated threshold contributes little after the
+softmax, so its P·V work is skipped. The grid is asymmetric: ``block_q = 128`` query rows
+(``kBlockM``) by ``block_k = 64`` keys (``kBlockN``).
+
+Rule, per query head ``h`` (kv head ``h // (Hq/Hkv)``), query tile ``m``, key tile ``n``:
+
+* score ``Mx[m, n] = max_{i in tile m, j in tile n} scale * q_i . k_j`` (raw scaled logits,
+  no softmax, no causal mask inside the max);
+* ``n_max(m)`` = number of key tiles up to the one holding the last key visible to the last
+  query of tile ``m`` (bottom-right causal; ``2m + 2`` in prefill). The last
+  ``ceil(block_q / block_k) = 2`` of them are the kernel's "masking steps": always computed
+  (the 128x128 diagonal square, dense with the token causal mask);
+* every other tile ``n < n_max(m) - 2`` is kept iff ``Mx[m, n] >= tau[h, min(m, maxb - 1)]``
+  (the kernel skips on strict ``<``); tiles ``n >= n_max(m)`` are causally illegal.
+
+Partial last tile: the official interface pads q, k, v to a multiple of 128 by repeating
+the last token. Repeated rows/keys never change a maximum over tiles that hold a real row
+and a real key, so scoring the real tokens only (as done here) mirrors it exactly on the
+``ceil(L/128) x ceil(L/64)`` grid; tiles that hold padding only are not on this grid.
+
+Thresholds: ``bsfa_calibrate`` reproduces ``thresholds/calibrate.py``: per example, head and
+query tile, the midpoint between the k-th and (k+1)-th largest off-diagonal tile maxima
+(``-inf`` where at most k tiles exist), averaged over examples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..core.blockmask import BlockMask, legal_blocks, num_blocks
+from ..core.errors import InputError
+from ..core.layout import normalize_qkv
+from ..core.registry import define_op, dispatch
+from ..core.scores import BlockScores, Selection
+from ..reference.memory import rows_per_chunk
+from ..reference.selection import diagonal_blocks
+from .base import check_range, register_method
+
+CODE = "Danielohayon/Block-Sparse-Flash-Attention@c3ee81e15c0a0609fe1dfc298d3c29b0f3f2a8a9"
+
+
+@dataclass(frozen=True)
+class BSFAParams:
+    """BSFA parameters.
+
+    * ``block_q`` / ``block_k`` (official ``kBlockM`` / ``kBlockN``): tile sizes, 128 x 64.
+    * ``threshold`` (official per-layer slice of the calibrated thresholds tensor
+      ``[num_k, layers, heads, max_q_tiles]``): a scalar, per head ``[Hq]``, or per head and
+      query tile ``[Hq, maxb]`` (tile ``m`` uses column ``min(m, maxb - 1)``). ``-inf`` keeps
+      every tile. ``None`` (default): calibrate on the input itself with ``topk``.
+    * ``topk`` (calibration ``k``): off-diagonal tiles per query tile that self-calibration
+      targets when ``threshold`` is None (the official code always loads calibrated files;
+      the paper recommends k = 64..96 for general tasks, 32 for retrieval).
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    threshold: Any = None
+    topk: int = 64
+
+    def validate(self) -> None:
+        check_range("block_q", self.block_q, 1, integer=True)
+        check_range("block_k", self.block_k, 1, integer=True)
+        check_range("topk", self.topk, 0, integer=True)
+        if self.threshold is not None:
+            t = _threshold_array(self.threshold)
+            if t.ndim > 2:
+                raise InputError(f"threshold: expected a scalar, [H] or [H, Qb] array, got "
+                                 f"shape {t.shape}")
+
+
+def _threshold_array(threshold: Any) -> np.ndarray:
+    try:
+        t = np.asarray(threshold, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold: expected a number or an array of numbers, got "
+                         f"{threshold!r}") from None
+    if t.size == 0 or np.isnan(t).any():
+        raise InputError(f"threshold: expected non-empty values without NaN, got {threshold!r}")
+    return t
+
+
+# ------------------------------------------------------------------ scoring op
+def bsfa_block_max(q: np.ndarray, k: np.ndarray, block_q: int, block_k: int, scale: float,
+                   *, out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
+    """Tile maxima ``Mx [B, Hq, ceil(Sq/block_q), ceil(Sk/block_k)]`` (float64) of the raw
+    scaled logits ``scale * q . k`` over the real tokens of each tile (no causal mask).
+
+    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; GQA: head ``h`` reads kv head ``h // G``.
+    """
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    G = Hq // k.shape[1]
+    qb, kb = num_blocks(Sq, block_q), num_blocks(Sk, block_k)
+    mx = np.empty((B, Hq, qb, kb), np.float64) if out is None else out[0]
+    kpad = kb * block_k - Sk
+    # tiles of query rows per chunk: logits [G, block_q, Sk] in float64
+    tiles = rows_per_chunk(qb, G * block_q * (Sk + kpad) * 16, 8 * Sk * D, "bsfa block max")
+    for b in range(B):
+        for g in range(k.shape[1]):
+            kk = k[b, g].astype(np.float64)
+            for m0 in range(0, qb, tiles):
+                m1 = min(qb, m0 + tiles)
+                r0, r1 = m0 * block_q, min(Sq, m1 * block_q)
+                s = (q[b, g * G:(g + 1) * G, r0:r1].astype(np.float64) @ kk.T) * scale
+                # pad with -inf so that padding never wins a max (= repeating the last token)
+                s = np.pad(s, ((0, 0), (0, (m1 - m0) * block_q - (r1 - r0)), (0, kpad)),
+                           constant_values=-np.inf)
+                s = s.reshape(G, m1 - m0, block_q, kb, block_k)
+                mx[b, g * G:(g + 1) * G, m0:m1] = s.max(axis=(2, 4))
+    return (mx,)
+
+
+SCORE_OP = define_op("bsfa_score", bsfa_block_max, outputs=("block_max",), kind="array")
+
+
+# ------------------------------------------------------------------ geometry
+def tile_layout(q_len: int, k_len: int, block_q: int, block_k: int,
+                causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(gated, forced)``, bool ``[Qb, Kb]`` each.
+
+    Causal: ``forced`` = the last ``ceil(block_q/block_k)`` causally reachable key tiles of
+    each query tile (the kernel's masking steps), ``gated`` = the reachable tiles before
+    them. Non-causal: every tile is gated and none is forced (FA2 takes no masking step on
+    padded, even lengths; an extrapolation, the official setting is causal prefill).
+    """
+    qb, kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
+    if not causal:
+        return np.ones((qb, kb), bool), np.zeros((qb, kb), bool)
+    n_max = diagonal_blocks(q_len, k_len, block_q, block_k) + 1                    # [Qb]
+    steps = -(-block_q // block_k)
+    n = np.arange(kb)[None, :]
+    legal = legal_blocks(q_len, k_len, block_q, block_k, True)
+    forced = (n < n_max[:, None]) & (n >= n_max[:, None] - steps) & legal
+    gated = (n < n_max[:, None] - steps) & legal
+    return gated, forced
+
+
+def _expand_threshold(t: np.ndarray, heads: int, qb: int) -> np.ndarray:
+    """Threshold per (head, query tile) ``[Hq, Qb]``; tile ``m`` reads ``min(m, maxb-1)``."""
+    if t.ndim == 0:
+        return np.full((heads, qb), float(t))
+    if t.shape[0] != heads:
+        raise InputError(f"threshold: expected {heads} per-head values (one per query head), "
+                         f"got shape {t.shape}")
+    if t.ndim == 1:
+        return np.repeat(t[:, None], qb, axis=1)
+    return t[:, np.minimum(np.arange(qb), t.shape[1] - 1)]
+
+
+# ------------------------------------------------------------------ calibration
+def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_k: int = 64,
+                   softmax_scale: float | None = None, layout: str = "bhsd") -> np.ndarray:
+    """Thresholds ``[Hq, maxb]`` (float64) as ``thresholds/calibrate.py`` computes them.
+
+    ``samples``: an iterable of ``(q, k)`` pairs (or ``(q, k, v)``), q ``[B, Hq, S, D]`` in
+    ``layout``; every batch element is one calibration example (causal prefill,
+    ``Sq == Sk``). For each example, head and query tile ``m`` with off-diagonal tiles
+    ``V_m = {n < n_max(m) - 2}`` (``n < 2m`` in prefill): threshold ``= -inf`` if
+    ``|V_m| <= k``, else the midpoint ``(v_(k) + v_(k+1)) / 2`` of the k-th and (k+1)-th
+    largest maxima. Thresholds are averaged over the examples that reach tile ``m``;
+    ``maxb`` is the number of query tiles of the longest example.
+    """
+    check_range("k", k, 0, integer=True)
+    k = int(k)
+    sums: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    heads = None
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise InputError(f"samples[{i}]: expected a (q, k) pair, got {type(sample).__name__}")
+        q4, k4, _, shape = normalize_qkv(sample[0], sample[1], layout=layout)
+        if shape.q_len != shape.k_len:
+            raise InputError(f"samples[{i}]: calibration needs q_len == k_len, got "
+                             f"{shape.q_len} and {shape.k_len}")
+        if heads is None:
+            heads = shape.q_heads
+        elif shape.q_heads != heads:
+            raise InputError(f"samples[{i}]: {shape.q_heads} query heads, earlier samples "
+                             f"had {heads}")
+        scale = 1.0 / np.sqrt(shape.head_dim) if softmax_scale is None else float(softmax_scale)
+        (mx,) = dispatch(SCORE_OP.name, "numpy")(q4, k4, block_q, block_k, scale)
+        gated, _ = tile_layout(shape.q_len, shape.k_len, block_q, block_k, True)
+        qb = mx.shape[2]
+        thr = np.full(mx.shape[:3], -np.inf)                                     # [B, H, Qb]
+        for m in range(qb):
+            vals = mx[:, :, m, gated[m]]
+            if vals.shape[-1] > k:
+                srt = -np.sort(-vals, axis=-1)
+                thr[:, :, m] = 0.5 * (srt[..., k - 1] + srt[..., k]) if k > 0 else np.inf
+        if sums is None or qb > sums.shape[1]:
+            grow = lambda a, fill: np.concatenate(  # noqa: E731
+                [a, np.full((heads, qb - a.shape[1]), fill)], axis=1)
+            sums = np.zeros((heads, qb)) if sums is None else grow(sums, 0.0)
+            counts = np.zeros((heads, qb)) if counts is None else grow(counts, 0.0)
+        with np.errstate(invalid="ignore"):
+            sums[:, :qb] += thr.sum(axis=0)
+        counts[:, :qb] += thr.shape[0]
+    if sums is None:
+        raise InputError("samples: expected at least one (q, k) example, got none")
+    return sums / counts
+
+
+# ------------------------------------------------------------------ method
+@register_method(
+    "bsfa", BSFAParams, kind="llm-prefill",
+    summary="Block-Sparse FlashAttention: exact max of scaled logits per 128x64 tile kept "
+            "iff >= a calibrated per-(head, q-tile) threshold; 128x128 diagonal forced",
+    paper="arXiv 2512.07011", code=CODE)
+def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: bool = True,
+           backend: str = "numpy") -> Selection:
+    """BSFA selection on the (block_q, block_k) grid. q ``[B,Hq,Sq,D]``, k ``[B,Hkv,Sk,D]``.
+
+    Returns a :class:`Selection`: ``mask`` = forced diagonal tiles ∪ gated tiles with
+    ``Mx >= threshold``; ``scores`` = the tile maxima ``Mx`` (``-inf`` never appears: every
+    tile holds a real token); ``boundary [B, Hq, Qb]`` = the threshold of each row;
+    ``forced``; extras ``thresholds [Hq, Qb]`` and ``calibrated`` (True when the thresholds
+    came from self-calibration on this input).
+    """
+    p = params
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    bq, bk = int(p.block_q), int(p.block_k)
+    (mx,) = dispatch(SCORE_OP.name, backend)(q, k, bq, bk, 1.0 / np.sqrt(D))
+    qb = mx.shape[2]
+    calibrated = p.threshold is None
+    if calibrated:
+        if not causal or Sq != Sk:
+            raise InputError("threshold: self-calibration (threshold=None) needs causal prefill "
+                             "(q_len == k_len); pass explicit thresholds")
+        t = bsfa_calibrate([(q, k)], int(p.topk), block_q=bq, block_k=bk)
+    else:
+        t = _threshold_array(p.threshold)
+    thr = _expand_threshold(t, Hq, qb)                                           # [Hq, Qb]
+    gated, forced = tile_layout(Sq, Sk, bq, bk, causal)
+    keep = gated & ~(mx < thr[None, :, :, None])          # kernel skips iff Mx < tau
+    mask = keep | forced
+    geom = dict(block_q=bq, block_k=bk, q_len=Sq, k_len=Sk)
+    return Selection(
+        mask=BlockMask(mask, **geom),
+        scores=BlockScores(mx, **geom),
+        boundary=np.broadcast_to(thr, (B, Hq, qb)).copy(),
+        forced=np.broadcast_to(forced, mask.shape).copy(),
+        extras={"thresholds": thr, "calibrated": calibrated},
+    )
