@@ -159,6 +159,21 @@ def _expand_threshold(t: np.ndarray, heads: int, qb: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ calibration
+def example_thresholds(mx: np.ndarray, gated: np.ndarray, k: int) -> np.ndarray:
+    """Per-example thresholds ``[B, H, Qb]`` from tile maxima ``mx [B, H, Qb, Kb]``.
+
+    Row ``m``: ``-inf`` if it has at most ``k`` gated (off-diagonal) tiles, else the
+    midpoint of the k-th and (k+1)-th largest gated maxima (``+inf`` for ``k = 0``).
+    """
+    thr = np.full(mx.shape[:3], -np.inf)
+    for m in range(mx.shape[2]):
+        vals = mx[:, :, m, gated[m]]
+        if vals.shape[-1] > k:
+            srt = -np.sort(-vals, axis=-1)                                 # descending
+            thr[:, :, m] = 0.5 * (srt[..., k - 1] + srt[..., k]) if k > 0 else np.inf
+    return thr
+
+
 def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_k: int = 64,
                    softmax_scale: float | None = None, layout: str = "bhsd") -> np.ndarray:
     """Thresholds ``[Hq, maxb]`` (float64) as ``thresholds/calibrate.py`` computes them.
@@ -172,10 +187,7 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
     ``maxb`` is the number of query tiles of the longest example.
     """
     check_range("k", k, 0, integer=True)
-    k = int(k)
-    sums: np.ndarray | None = None
-    counts: np.ndarray | None = None
-    heads = None
+    per_example: list[np.ndarray] = []                                     # [H, Qb_e] each
     for i, sample in enumerate(samples):
         if not isinstance(sample, (tuple, list)) or len(sample) < 2:
             raise InputError(f"samples[{i}]: expected a (q, k) pair, got {type(sample).__name__}")
@@ -183,32 +195,21 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
         if shape.q_len != shape.k_len:
             raise InputError(f"samples[{i}]: calibration needs q_len == k_len, got "
                              f"{shape.q_len} and {shape.k_len}")
-        if heads is None:
-            heads = shape.q_heads
-        elif shape.q_heads != heads:
+        if per_example and shape.q_heads != per_example[0].shape[0]:
             raise InputError(f"samples[{i}]: {shape.q_heads} query heads, earlier samples "
-                             f"had {heads}")
+                             f"had {per_example[0].shape[0]}")
         scale = 1.0 / np.sqrt(shape.head_dim) if softmax_scale is None else float(softmax_scale)
         (mx,) = dispatch(SCORE_OP.name, "numpy")(q4, k4, block_q, block_k, scale)
         gated, _ = tile_layout(shape.q_len, shape.k_len, block_q, block_k, True)
-        qb = mx.shape[2]
-        thr = np.full(mx.shape[:3], -np.inf)                                     # [B, H, Qb]
-        for m in range(qb):
-            vals = mx[:, :, m, gated[m]]
-            if vals.shape[-1] > k:
-                srt = -np.sort(-vals, axis=-1)
-                thr[:, :, m] = 0.5 * (srt[..., k - 1] + srt[..., k]) if k > 0 else np.inf
-        if sums is None or qb > sums.shape[1]:
-            grow = lambda a, fill: np.concatenate(  # noqa: E731
-                [a, np.full((heads, qb - a.shape[1]), fill)], axis=1)
-            sums = np.zeros((heads, qb)) if sums is None else grow(sums, 0.0)
-            counts = np.zeros((heads, qb)) if counts is None else grow(counts, 0.0)
-        with np.errstate(invalid="ignore"):
-            sums[:, :qb] += thr.sum(axis=0)
-        counts[:, :qb] += thr.shape[0]
-    if sums is None:
+        per_example.extend(example_thresholds(mx, gated, int(k)))
+    if not per_example:
         raise InputError("samples: expected at least one (q, k) example, got none")
-    return sums / counts
+    heads, maxb = per_example[0].shape[0], max(t.shape[1] for t in per_example)
+    total, count = np.zeros((heads, maxb)), np.zeros(maxb)
+    for t in per_example:             # mean over the examples that reach each query tile
+        total[:, :t.shape[1]] += t
+        count[:t.shape[1]] += 1
+    return total / count
 
 
 # ------------------------------------------------------------------ method
@@ -224,8 +225,8 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
     Returns a :class:`Selection`: ``mask`` = forced diagonal tiles ∪ gated tiles with
     ``Mx >= threshold``; ``scores`` = the tile maxima ``Mx`` (``-inf`` never appears: every
     tile holds a real token); ``boundary [B, Hq, Qb]`` = the threshold of each row;
-    ``forced``; extras ``thresholds [Hq, Qb]`` and ``calibrated`` (True when the thresholds
-    came from self-calibration on this input).
+    ``forced``; extras ``thresholds [B, Hq, Qb]`` (= boundary) and ``calibrated`` (True when
+    each batch element's thresholds came from self-calibration on itself).
     """
     p = params
     B, Hq, Sq, D = q.shape
@@ -238,18 +239,19 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
         if not causal or Sq != Sk:
             raise InputError("threshold: self-calibration (threshold=None) needs causal prefill "
                              "(q_len == k_len); pass explicit thresholds")
-        t = bsfa_calibrate([(q, k)], int(p.topk), block_q=bq, block_k=bk)
-    else:
-        t = _threshold_array(p.threshold)
-    thr = _expand_threshold(t, Hq, qb)                                           # [Hq, Qb]
     gated, forced = tile_layout(Sq, Sk, bq, bk, causal)
-    keep = gated & ~(mx < thr[None, :, :, None])          # kernel skips iff Mx < tau
+    if calibrated:                    # each batch element calibrated on itself
+        thr = example_thresholds(mx, gated, int(p.topk))                        # [B, Hq, Qb]
+    else:
+        thr = np.broadcast_to(_expand_threshold(_threshold_array(p.threshold), Hq, qb),
+                              (B, Hq, qb)).copy()
+    keep = gated & ~(mx < thr[..., None])                 # the kernel skips iff Mx < tau
     mask = keep | forced
     geom = dict(block_q=bq, block_k=bk, q_len=Sq, k_len=Sk)
     return Selection(
         mask=BlockMask(mask, **geom),
         scores=BlockScores(mx, **geom),
-        boundary=np.broadcast_to(thr, (B, Hq, qb)).copy(),
+        boundary=thr,
         forced=np.broadcast_to(forced, mask.shape).copy(),
-        extras={"thresholds": thr, "calibrated": calibrated},
+        extras={"thresholds": thr.copy(), "calibrated": calibrated},
     )

@@ -165,16 +165,20 @@ def permutation_from_importance(w: np.ndarray, length: int, segment_size: int,
 def select_cumulative_no_fallback(p: np.ndarray, tau: float, valid: np.ndarray,
                                   tie: str = "low") -> tuple[np.ndarray, np.ndarray]:
     """``select_blocks``: per row, the descending prefix up to and including the first
-    position whose cumulative sum is ``>= tau``; nothing where ``tau`` is never reached.
+    position whose cumulative sum is ``>= tau`` (times the row total, 1 up to rounding);
+    nothing where ``tau`` is never reached (rows without an allowed block).
     Returns ``(mask, boundary)``; boundary = score of the crossing block (NaN if none)."""
     ok = valid & ~np.isnan(p)
     order = rank_order(p, ok, tie)
     srt = np.take_along_axis(np.where(ok, p, 0.0), order, axis=-1)
     cum = np.cumsum(srt, axis=-1)
-    reached = cum >= tau
+    # The row total is 1 up to rounding; comparing against tau * total (same summation
+    # order) makes tau = 1 select every block of positive mass instead of depending on
+    # whether float rounding lands the sum at 1.0 (official: ``cumsum >= threshold``).
+    sok = np.take_along_axis(ok, order, axis=-1)
+    reached = (cum >= tau * cum[..., -1:]) & sok
     first = np.where(reached.any(axis=-1), reached.argmax(axis=-1), -1)           # [..]
-    keep_sorted = np.arange(p.shape[-1]) <= first[..., None]
-    keep_sorted &= np.take_along_axis(ok, order, axis=-1)
+    keep_sorted = (np.arange(p.shape[-1]) <= first[..., None]) & sok
     mask = np.zeros_like(keep_sorted)
     np.put_along_axis(mask, order, keep_sorted, axis=-1)
     cross = np.take_along_axis(srt, np.maximum(first, 0)[..., None], axis=-1)[..., 0]

@@ -76,7 +76,7 @@ class XAttentionParams:
 
     block_size: int = 128
     stride: int = 8
-    threshold: Any = 0.9
+    threshold: float | tuple[float, ...] = 0.9
     chunk_size: int | None = None
     norm: float = 1.0
 
@@ -139,7 +139,7 @@ def xattention_score(q: np.ndarray, k: np.ndarray, block_size: int, stride: int,
     W = out[0] if out is not None else np.empty((B, Hq, nbp, nbp), dtype=np.float64)
     W[...] = 0.0
     # logits, probabilities and temporaries for one block row of b' query tiles
-    rows = rows_per_chunk(n_real, bt * T * 8 * 4, 2 * Lp * D * 8, "xattention_score")
+    rows = rows_per_chunk(n_real, bt * T * 8 * 4, 2 * Lp * D * 8 + W.nbytes, "xattention_score")
     tile_i = np.arange(T)
     for b in range(B):
         for h in range(Hq):
@@ -258,7 +258,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: XAttentio
     tau = head_thresholds(p.threshold, Hq)
     score = dispatch("xattention_score", backend, (q, k))
     (W,) = score(q, k, bs, int(p.stride), C, float(p.norm), bool(causal))
-    W = np.asarray(W, dtype=np.float64)
+    W = np.asarray(W.get() if hasattr(W, "get") else W, dtype=np.float64)  # host, float64
     nbp, n, R = W.shape[-1], num_blocks(L, bs), C // bs
     # xattn_estimate: one find_blocks_chunked call per query chunk (q_len == k_len, so the
     # chunk's first diagonal is at key block c*R), concatenated along rows.

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +16,6 @@ import refattn
 from refattn.core.errors import InputError
 from refattn.data.synthetic import synthetic
 from refattn.methods import xattention as X
-
-from conformance import load, vector_params
 
 
 def _qkv(seed, L, Hq=2, Hkv=1, D=32, B=1):
@@ -141,7 +140,7 @@ def test_gqa_equals_expanded_kv():
 def test_first_chunk_follows_official_rule_and_later_chunks_the_clean_rule():
     rng = np.random.default_rng(5)
     n, R = 12, 6
-    for trial in range(30):
+    for _ in range(30):
         W = np.tril(rng.random((n, n)) ** 3)
         tau = rng.choice([0.3, 0.7, 0.9, 0.95])
         first = X.find_blocks_chunked(W[None, None, :R], 0, np.array([tau]))[0, 0]
@@ -310,3 +309,13 @@ def test_conformance(path):
         chunks = np.concatenate([X.find_blocks_chunked(Wsrc[:, :, c * R:(c + 1) * R], c * R, tau64)
                                  for c in range(Wsrc.shape[2] // R)], axis=2)
         np.testing.assert_array_equal(chunks & legal, ref)
+
+
+def test_refuses_work_over_the_memory_limit():
+    q, k, _ = _qkv(13, 1024, D=16)
+    refattn.set_memory_limit(50_000)
+    try:
+        with pytest.raises(refattn.MemoryLimitError, match="xattention_score"):
+            refattn.select(q, k, "xattention")
+    finally:
+        refattn.set_memory_limit(None)
