@@ -16,7 +16,8 @@ from .core import (
     unpermute,
 )
 from .core.registry import available_backends
-from .api import attention, attention_backward, methods, select
+from . import methods as _methods_package  # noqa: F401  (bind the subpackage first ...)
+from .api import attention, attention_backward, methods, select  # ... so `methods` stays the function
 from .reference.memory import get_memory_limit, set_memory_limit
 from .reference.metrics import evaluate
 

@@ -24,6 +24,7 @@ row to row (H2O's single-forward simulation).
 Budget helpers: :func:`resolve_budget` (a count or a ratio of the length) and
 :func:`resolve_head_budgets` (one budget shared by every head, or one per head).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -72,9 +73,13 @@ class KeepSet:
         counts = live.sum(-1)
         # canonical padding: every live slot precedes every -1
         if (live & ~(np.arange(idx.shape[-1]) < counts[..., None])).any():
-            raise InputError("KeepSet: indices must hold the kept positions first and -1 after them")
+            raise InputError(
+                "KeepSet: indices must hold the kept positions first and -1 after them"
+            )
         if live.any() and idx[live].max() >= k_len:
-            raise InputError(f"KeepSet: kept positions must lie in [0, {k_len}), got max {idx[live].max()}")
+            raise InputError(
+                f"KeepSet: kept positions must lie in [0, {k_len}), got max {idx[live].max()}"
+            )
         srt = np.sort(np.where(live, idx, np.iinfo(np.int64).max), axis=-1)
         if ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != np.iinfo(np.int64).max)).any():
             raise InputError("KeepSet: a position is kept twice within one head")
@@ -85,8 +90,9 @@ class KeepSet:
 
     # ----------------------------------------------------------- constructors
     @classmethod
-    def from_lists(cls, kept: Sequence[Sequence[Any]], *, q_len: int, k_len: int,
-                   head_kind: str = "q") -> "KeepSet":
+    def from_lists(
+        cls, kept: Sequence[Sequence[Any]], *, q_len: int, k_len: int, head_kind: str = "q"
+    ) -> "KeepSet":
         """From nested lists ``kept[b][h]`` = 1-d arrays of positions (keep order)."""
         B = len(kept)
         H = len(kept[0]) if B else 0
@@ -113,8 +119,9 @@ class KeepSet:
         return cls(idx, q_len=q_len, k_len=m.shape[-1], head_kind=head_kind)
 
     @classmethod
-    def full(cls, batch: int, heads: int, *, q_len: int, k_len: int,
-             head_kind: str = "q") -> "KeepSet":
+    def full(
+        cls, batch: int, heads: int, *, q_len: int, k_len: int, head_kind: str = "q"
+    ) -> "KeepSet":
         """Every token kept (no eviction), ascending."""
         idx = np.broadcast_to(np.arange(k_len, dtype=np.int64), (batch, heads, k_len))
         return cls(np.array(idx), q_len=q_len, k_len=k_len, head_kind=head_kind)
@@ -149,16 +156,22 @@ class KeepSet:
 
     def same_sets(self, other: "KeepSet") -> bool:
         """True when both keep the same positions in every head (order ignored)."""
-        return (isinstance(other, KeepSet) and self.k_len == other.k_len
-                and self.shape == other.shape and bool(np.array_equal(self.key_mask(), other.key_mask())))
+        return (
+            isinstance(other, KeepSet)
+            and self.k_len == other.k_len
+            and self.shape == other.shape
+            and bool(np.array_equal(self.key_mask(), other.key_mask()))
+        )
 
     def density(self) -> float:
         """Mean kept fraction over (batch, head)."""
         return float(self.counts.mean() / self.k_len)
 
     def __repr__(self) -> str:
-        return (f"KeepSet(shape={self.shape}, len=({self.q_len}, {self.k_len}), "
-                f"head_kind={self.head_kind!r}, kept={self.counts.min()}..{self.counts.max()})")
+        return (
+            f"KeepSet(shape={self.shape}, len=({self.q_len}, {self.k_len}), "
+            f"head_kind={self.head_kind!r}, kept={self.counts.min()}..{self.counts.max()})"
+        )
 
     # ------------------------------------------------------------- converters
     def expand_heads(self, num_q_heads: int) -> "KeepSet":
@@ -166,17 +179,24 @@ class KeepSet:
         H = self.shape[1]
         if self.head_kind == "q":
             if H not in (1, num_q_heads):
-                raise InputError(f"KeepSet: {H} query-head sets do not match {num_q_heads} query heads")
+                raise InputError(
+                    f"KeepSet: {H} query-head sets do not match {num_q_heads} query heads"
+                )
             return self
         if num_q_heads % H:
-            raise InputError(f"KeepSet: {num_q_heads} query heads are not a multiple of {H} kv heads")
-        return KeepSet(np.repeat(self.indices, num_q_heads // H, axis=1), q_len=self.q_len,
-                       k_len=self.k_len, head_kind="q")
+            raise InputError(
+                f"KeepSet: {num_q_heads} query heads are not a multiple of {H} kv heads"
+            )
+        return KeepSet(
+            np.repeat(self.indices, num_q_heads // H, axis=1),
+            q_len=self.q_len,
+            k_len=self.k_len,
+            head_kind="q",
+        )
 
     def to_token_mask(self, causal: bool = False) -> np.ndarray:
         """Token-level mask bool ``[B, H, q_len, k_len]`` (causal bottom-right when asked)."""
-        t = np.broadcast_to(self.key_mask()[:, :, None, :],
-                            self.shape + (self.q_len, self.k_len))
+        t = np.broadcast_to(self.key_mask()[:, :, None, :], self.shape + (self.q_len, self.k_len))
         if causal:
             off = causal_offset(self.q_len, self.k_len)
             t = t & (np.arange(self.k_len)[None, :] <= np.arange(self.q_len)[:, None] + off)
@@ -195,8 +215,14 @@ class KeepSet:
     def to_block_mask(self) -> BlockMask:
         """The kept tokens as a :class:`BlockMask` with ``block_q = q_len`` (one query block)
         and ``block_k = 1`` (one block per token): mask ``[B, H, 1, Sk]``."""
-        return BlockMask(self.key_mask()[:, :, None, :], block_q=self.q_len, block_k=1,
-                         q_len=self.q_len, k_len=self.k_len, head_kind=self.head_kind)
+        return BlockMask(
+            self.key_mask()[:, :, None, :],
+            block_q=self.q_len,
+            block_k=1,
+            q_len=self.q_len,
+            k_len=self.k_len,
+            head_kind=self.head_kind,
+        )
 
 
 class TokenMask:
@@ -214,7 +240,9 @@ class TokenMask:
         while m.ndim < 4:
             m = m[None]
         if m.ndim != 4 or 0 in m.shape:
-            raise InputError(f"TokenMask: expected a non-empty [B, H, Sq, Sk] array, got shape {m.shape}")
+            raise InputError(
+                f"TokenMask: expected a non-empty [B, H, Sq, Sk] array, got shape {m.shape}"
+            )
         if head_kind not in HEAD_KINDS:
             raise InputError(f"TokenMask: head_kind must be one of {HEAD_KINDS}, got {head_kind!r}")
         m = m.copy()
@@ -234,7 +262,9 @@ class TokenMask:
 
     def token_rows(self, b: int, h0: int, h1: int, r0: int, r1: int) -> np.ndarray:
         if self.head_kind != "q" and self.mask.shape[1] != 1:
-            raise InputError("TokenMask.token_rows: 'kv' masks with several heads are not supported")
+            raise InputError(
+                "TokenMask.token_rows: 'kv' masks with several heads are not supported"
+            )
         m = self.mask[b if self.mask.shape[0] > 1 else 0]
         m = m if m.shape[0] == 1 else m[h0:h1]
         return m[:, r0:r1]
@@ -261,13 +291,21 @@ def resolve_budget(budget: Any, length: int, *, name: str = "budget") -> int:
     raise InputError(f"{name}: expected an int count or a float ratio, got {type(budget).__name__}")
 
 
-def resolve_head_budgets(budget: Any, heads: int, length: int, *, name: str = "budget") -> np.ndarray:
+def resolve_head_budgets(
+    budget: Any, heads: int, length: int, *, name: str = "budget"
+) -> np.ndarray:
     """Per-head budgets int64 ``[heads]``: one budget (count or ratio) shared by every head,
     or a sequence of ``heads`` budgets."""
     if isinstance(budget, (list, tuple, np.ndarray)):
-        vals = list(np.asarray(budget).reshape(-1).tolist()) if isinstance(budget, np.ndarray) else list(budget)
+        vals = (
+            list(np.asarray(budget).reshape(-1).tolist())
+            if isinstance(budget, np.ndarray)
+            else list(budget)
+        )
         if len(vals) != heads:
             raise InputError(f"{name}: expected {heads} per-head budgets, got {len(vals)}")
-        return np.array([resolve_budget(v, length, name=f"{name}[{i}]") for i, v in enumerate(vals)],
-                        dtype=np.int64)
+        return np.array(
+            [resolve_budget(v, length, name=f"{name}[{i}]") for i, v in enumerate(vals)],
+            dtype=np.int64,
+        )
     return np.full(heads, resolve_budget(budget, length, name=name), dtype=np.int64)

@@ -9,15 +9,27 @@ One module per method, each registering itself with :func:`refattn.methods.regis
 * :mod:`.streamingllm` -- attention sinks + recent window, with position re-encoding;
 * :mod:`.presses` -- kvpress scorers (knorm, tova, observed/expected attention, random, ...);
 * :mod:`.caote` -- CAOTE / FastCAOTE output-error scores on top of another score;
-* :mod:`.simulate` -- a decode simulator (:func:`run_kv`).
+* :mod:`.simulate` -- a decode simulator (:func:`run_kv`);
+* :mod:`.block_attention`, :mod:`.blockbert` -- the static block masks of Block-Attention (RAG)
+  and BlockBERT (registered with ``kind="static"``).
 
 The kept tokens are a :class:`refattn.core.keepset.KeepSet`.
 """
+
 from __future__ import annotations
 
 import importlib
 
-METHOD_MODULES = ("snapkv", "h2o", "vatp", "streamingllm", "presses", "caote")
+METHOD_MODULES = (
+    "snapkv",
+    "h2o",
+    "vatp",
+    "streamingllm",
+    "presses",
+    "caote",
+    "block_attention",
+    "blockbert",
+)
 
 
 def load_all() -> None:

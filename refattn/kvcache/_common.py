@@ -4,6 +4,7 @@ RoPE (rotate-half) helpers, and ``Selection`` packaging.
 All arrays are canonical ``bhsd`` and computed in float64: q ``[B, Hq, Sq, D]``,
 k/v ``[B, Hkv, Sk, D]``. GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,8 +34,14 @@ def group_mean(x: np.ndarray, num_kv_heads: int) -> np.ndarray:
     return x.reshape((B, num_kv_heads, H // num_kv_heads) + x.shape[2:]).mean(axis=2)
 
 
-def attention_probs(q: np.ndarray, k: np.ndarray, *, scale: float, causal: bool = True,
-                    key_mask: np.ndarray | None = None) -> np.ndarray:
+def attention_probs(
+    q: np.ndarray,
+    k: np.ndarray,
+    *,
+    scale: float,
+    causal: bool = True,
+    key_mask: np.ndarray | None = None,
+) -> np.ndarray:
     """Softmax probabilities float64 ``[B, Hq, Sq, Sk]``.
 
     ``p_ij = exp(s_ij - lse_i)`` with ``s_ij = scale * q_i . k_j`` over visible ``j``:
@@ -68,10 +75,14 @@ def window_attention(q: np.ndarray, k: np.ndarray, window: int, *, scale: float)
     Requires ``Sq == Sk`` (prefill), as both official codes assert.
     """
     if q.shape[2] != k.shape[2]:
-        raise InputError(f"q: the observation window needs prefill inputs with Sq == Sk, got "
-                         f"Sq = {q.shape[2]}, Sk = {k.shape[2]}")
+        raise InputError(
+            f"q: the observation window needs prefill inputs with Sq == Sk, got "
+            f"Sq = {q.shape[2]}, Sk = {k.shape[2]}"
+        )
     if not 1 <= window <= q.shape[2]:
-        raise InputError(f"window_size: must lie in [1, {q.shape[2]}] (the sequence length), got {window}")
+        raise InputError(
+            f"window_size: must lie in [1, {q.shape[2]}] (the sequence length), got {window}"
+        )
     return attention_probs(q[:, :, -window:], k, scale=scale, causal=True)
 
 
@@ -113,16 +124,24 @@ def apply_rope(x: np.ndarray, positions: Any, base: float = 10000.0) -> np.ndarr
     return x * cos + rotate_half(x) * sin
 
 
-def rerotate(x: np.ndarray, old_positions: Any, new_positions: Any, base: float = 10000.0) -> np.ndarray:
+def rerotate(
+    x: np.ndarray, old_positions: Any, new_positions: Any, base: float = 10000.0
+) -> np.ndarray:
     """Move post-RoPE vectors from ``old_positions`` to ``new_positions``: ``R(new - old) x``
     (RoPE rotations compose, so this equals un-rotating then rotating; exact in float64)."""
     return apply_rope(x, np.asarray(new_positions) - np.asarray(old_positions), base)
 
 
 # -------------------------------------------------------------- packaging
-def keepset_selection(keep: KeepSet, num_q_heads: int, *, scores: np.ndarray | None = None,
-                      boundary: np.ndarray | None = None, forced: np.ndarray | None = None,
-                      extras: dict[str, Any] | None = None) -> Selection:
+def keepset_selection(
+    keep: KeepSet,
+    num_q_heads: int,
+    *,
+    scores: np.ndarray | None = None,
+    boundary: np.ndarray | None = None,
+    forced: np.ndarray | None = None,
+    extras: dict[str, Any] | None = None,
+) -> Selection:
     """Wrap a keep-set in a :class:`Selection` (``refattn.attention(q, k, v, mask=sel)`` runs
     the evicted cache).
 
@@ -135,10 +154,17 @@ def keepset_selection(keep: KeepSet, num_q_heads: int, *, scores: np.ndarray | N
     """
     bs = None
     if scores is not None:
-        bs = BlockScores(np.asarray(scores, np.float64)[:, :, None, :], block_q=keep.q_len,
-                         block_k=1, q_len=keep.q_len, k_len=keep.k_len, head_kind=keep.head_kind)
+        bs = BlockScores(
+            np.asarray(scores, np.float64)[:, :, None, :],
+            block_q=keep.q_len,
+            block_k=1,
+            q_len=keep.q_len,
+            k_len=keep.k_len,
+            head_kind=keep.head_kind,
+        )
     ex = {"keepset": keep, "token_mask": keep.expand_heads(num_q_heads)}
     ex.update(extras or {})
     fmask = None if forced is None else np.asarray(forced, bool)[:, :, None, :]
-    return Selection(mask=keep.to_block_mask(), scores=bs, boundary=boundary, forced=fmask,
-                     extras=ex)
+    return Selection(
+        mask=keep.to_block_mask(), scores=bs, boundary=boundary, forced=fmask, extras=ex
+    )

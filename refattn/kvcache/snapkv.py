@@ -21,6 +21,7 @@ averaged over the query heads of each GQA group, one selection per kv head.
 Ties: ``torch.topk`` leaves the order of equal scores unspecified (max pooling makes
 plateaus); the reference takes the lower position first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,12 +54,19 @@ class SnapKVParams:
 
     def validate(self) -> None:
         check_range("window_size", self.window_size, 1, integer=True)
-        check_range("max_capacity_prompt", self.max_capacity_prompt, self.window_size, integer=True,
-                    lo_open=True)  # official: assert max_capacity_prompt - window_size > 0
+        check_range(
+            "max_capacity_prompt",
+            self.max_capacity_prompt,
+            self.window_size,
+            integer=True,
+            lo_open=True,
+        )  # official: assert max_capacity_prompt - window_size > 0
         check_range("kernel_size", self.kernel_size, 1, integer=True)
         if int(self.kernel_size) % 2 == 0:
             # pad k//2 with an even k gives L-W+1 pooled values: the official gather then fails
-            raise InputError(f"kernel_size: must be odd (pooling pads k//2 on each side), got {self.kernel_size}")
+            raise InputError(
+                f"kernel_size: must be odd (pooling pads k//2 on each side), got {self.kernel_size}"
+            )
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("head_mode", self.head_mode, HEAD_MODES)
 
@@ -73,9 +81,15 @@ def pool1d(x: np.ndarray, kernel_size: int, pooling: str) -> np.ndarray:
     return win.sum(-1) / kernel_size if pooling == "avgpool" else win.max(-1)
 
 
-def snapkv_score(q: np.ndarray, k: np.ndarray, window_size: int, kernel_size: int,
-                 pooling: str = "avgpool", head_mode: str = "query",
-                 scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def snapkv_score(
+    q: np.ndarray,
+    k: np.ndarray,
+    window_size: int,
+    kernel_size: int,
+    pooling: str = "avgpool",
+    head_mode: str = "query",
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """SnapKV scores of the prefix tokens (reference, float64).
 
     q ``[B, Hq, L, D]``, k ``[B, Hkv, L, D]`` (post-RoPE, prefill so ``Sq == Sk``).
@@ -86,9 +100,11 @@ def snapkv_score(q: np.ndarray, k: np.ndarray, window_size: int, kernel_size: in
     scale = default_scale(q.shape[-1], scale)
     W = int(window_size)
     if W >= k.shape[2]:
-        raise InputError(f"window_size: must be smaller than the sequence length {k.shape[2]}, got {W}")
-    A = window_attention(q, k, W, scale=scale)                 # [B, Hq, W, L]
-    vote = A[..., : k.shape[2] - W].sum(axis=-2)                # [B, Hq, L-W]
+        raise InputError(
+            f"window_size: must be smaller than the sequence length {k.shape[2]}, got {W}"
+        )
+    A = window_attention(q, k, W, scale=scale)  # [B, Hq, W, L]
+    vote = A[..., : k.shape[2] - W].sum(axis=-2)  # [B, Hq, L-W]
     pooled = pool1d(vote, int(kernel_size), pooling)
     if head_mode == "kv":
         pooled = group_mean(pooled, k.shape[1])
@@ -98,8 +114,9 @@ def snapkv_score(q: np.ndarray, k: np.ndarray, window_size: int, kernel_size: in
 define_op("snapkv_score", snapkv_score, outputs=("vote", "pooled"), kind="array")
 
 
-def snapkv_keep(q: np.ndarray, k: np.ndarray, params: SnapKVParams, *, backend: str = "numpy"
-                ) -> tuple[KeepSet, np.ndarray | None]:
+def snapkv_keep(
+    q: np.ndarray, k: np.ndarray, params: SnapKVParams, *, backend: str = "numpy"
+) -> tuple[KeepSet, np.ndarray | None]:
     """The kept tokens in official cache order (top-k order, then the window), and the
     pooled scores (``None`` when ``L < max_capacity_prompt``: nothing is evicted)."""
     B, Hq, L, _ = q.shape
@@ -109,18 +126,30 @@ def snapkv_keep(q: np.ndarray, k: np.ndarray, params: SnapKVParams, *, backend: 
         return KeepSet.full(B, H, q_len=L, k_len=L, head_kind=kind), None
     W = int(params.window_size)
     _, pooled = dispatch("snapkv_score", backend, (q, k))(
-        q, k, W, int(params.kernel_size), params.pooling, params.head_mode)
+        q, k, W, int(params.kernel_size), params.pooling, params.head_mode
+    )
     top = topk_keep(pooled, int(params.max_capacity_prompt) - W)
     win = np.broadcast_to(np.arange(L - W, L), (B, H, W))
     return KeepSet(np.concatenate([top, win], axis=-1), q_len=L, k_len=L, head_kind=kind), pooled
 
 
-@register_method("snapkv", SnapKVParams, kind="kv-cache",
-                 summary="observation-window attention, 1-D pooled, top-k prefix + window",
-                 paper="Li et al., SnapKV, NeurIPS 2024 (arXiv 2404.14469)",
-                 code="FasterDecoding/SnapKV@e216ddc84c5bd210378cbdbbba12ba02102aa640")
-def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SnapKVParams, *,
-           causal: bool = True, backend: str = "numpy") -> Selection:
+@register_method(
+    "snapkv",
+    SnapKVParams,
+    kind="kv-cache",
+    summary="observation-window attention, 1-D pooled, top-k prefix + window",
+    paper="Li et al., SnapKV, NeurIPS 2024 (arXiv 2404.14469)",
+    code="FasterDecoding/SnapKV@e216ddc84c5bd210378cbdbbba12ba02102aa640",
+)
+def select(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray | None,
+    params: SnapKVParams,
+    *,
+    causal: bool = True,
+    backend: str = "numpy",
+) -> Selection:
     """SnapKV selection on prefill inputs; ``extras["keepset"]`` holds the kept cache."""
     keep, pooled = snapkv_keep(q, k, params, backend=backend)
     L, W = q.shape[2], int(params.window_size)
@@ -128,7 +157,9 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SnapKVPar
     if pooled is not None:
         scores = np.concatenate([pooled, np.full(pooled.shape[:2] + (W,), np.nan)], axis=-1)
         n = int(params.max_capacity_prompt) - W
-        boundary = np.take_along_axis(pooled, keep.indices[..., n - 1: n], axis=-1)[..., 0] if n else None
+        boundary = (
+            np.take_along_axis(pooled, keep.indices[..., n - 1 : n], axis=-1)[..., 0] if n else None
+        )
         forced = np.zeros(pooled.shape[:2] + (L,), bool)
-        forced[..., L - W:] = True
+        forced[..., L - W :] = True
     return keepset_selection(keep, q.shape[1], scores=scores, boundary=boundary, forced=forced)

@@ -18,6 +18,8 @@ def load_all() -> None:
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base" and not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")
+    # KV-cache and static-pattern methods live in their own subpackage.
+    importlib.import_module("refattn.kvcache").load_all()
 
 
 __all__ = ["MethodInfo", "get_method", "list_methods", "register_method", "load_all"]
