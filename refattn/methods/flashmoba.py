@@ -77,20 +77,14 @@ def slot_layout(scores: np.ndarray, selected: np.ndarray, valid: np.ndarray, own
     lead = scores.shape[:-1]
     idx = np.full(lead + (R,), -1, np.int32)
     val = np.full(lead + (R,), -np.inf, np.float64)
-    order = rank_order(scores, valid, tie)                        # selected blocks come first
-    n_sel = selected.sum(axis=-1)                                 # [..., Sq]
-    width = min(R, scores.shape[-1])
-    top = order[..., :width]
-    live = np.arange(width) < n_sel[..., None]
-    first = 0
+    first = 1 if causal else 0
     if causal:
         has_own = np.broadcast_to(own >= 0, lead)
         idx[..., 0] = np.where(has_own, own, -1)
         val[..., 0] = np.where(has_own, np.inf, -np.inf)
-        first = 1
-        live = live & (np.arange(width) < R - 1)
-        width = min(width, R - 1)
-        top, live = top[..., :width], live[..., :width]
+    width = min(R - first, scores.shape[-1])
+    top = rank_order(scores, valid, tie)[..., :width]            # selected blocks come first
+    live = np.arange(width) < selected.sum(axis=-1)[..., None]
     idx[..., first:first + width] = np.where(live, top, -1)
     val[..., first:first + width] = np.where(live, np.take_along_axis(scores, top, -1), -np.inf)
     return idx, val

@@ -45,7 +45,7 @@ from .base import check_choice, check_range, register_method
 
 PAPER = ("Yuan et al., Native Sparse Attention: Hardware-Aligned and Natively Trainable "
          "Sparse Attention, arXiv 2502.11089")
-CODE = "none (paper only; DeepSeek released no code)@-"
+CODE = "none (paper only; DeepSeek released no official code)"
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,10 @@ def compressed_keys(k: np.ndarray, compress_size: int, stride: int) -> np.ndarra
     """Mean-pooled compression tokens, float64 ``[B, Hkv, Nc, D]``,
     ``Nc = floor((Sk - l)/d) + 1`` (0 when ``Sk < l``): ``kc_i = mean(K[i d : i d + l])``."""
     B, H, S, D = k.shape
-    nc = (S - compress_size) // stride + 1 if S >= compress_size else 0
-    csum = np.concatenate([np.zeros((B, H, 1, D)), np.cumsum(k.astype(np.float64), axis=2)],
-                          axis=2)
-    start = np.arange(nc) * stride
-    return (csum[:, :, start + compress_size] - csum[:, :, start]) / compress_size
+    if S < compress_size:
+        return np.zeros((B, H, 0, D))
+    windows = np.lib.stride_tricks.sliding_window_view(k, compress_size, axis=2)  # [B,H,S-l+1,D,l]
+    return windows[:, :, ::stride].astype(np.float64).mean(axis=-1)
 
 
 def overlap_weights(k_len: int, compress_size: int, stride: int, block_size: int) -> np.ndarray:
@@ -109,6 +108,24 @@ def overlap_weights(k_len: int, compress_size: int, stride: int, block_size: int
     lo = np.maximum(cs[:, None], bs[None, :])
     hi = np.minimum(cs[:, None] + compress_size, np.minimum(bs + block_size, k_len)[None, :])
     return np.clip(hi - lo, 0, None) / stride
+
+
+def spread_to_blocks(p_cmp: np.ndarray, k_len: int, compress_size: int, stride: int,
+                     block_size: int) -> np.ndarray:
+    """Equation 9: ``p_slc[..., j] = sum_i p_cmp[..., i] * W[i, j]`` with ``W`` of
+    :func:`overlap_weights`, computed without the dense ``W``.
+
+    Compression block ``i`` is cut into its ``l/d`` stride-long pieces ``s = i .. i+l/d-1``
+    (piece ``s`` covers keys ``[s d, (s+1) d)``); each piece lies inside selection block
+    ``s d // l'`` because ``d`` divides ``l'``. ``p_cmp [..., Nc]`` -> ``[..., Kb]``.
+    """
+    nc = p_cmp.shape[-1]
+    per_c, per_s = compress_size // stride, block_size // stride
+    kb = num_blocks(k_len, block_size)
+    pieces = np.zeros(p_cmp.shape[:-1] + (kb * per_s,), np.float64)
+    for m in range(per_c):                                  # piece m of every block i
+        pieces[..., m:m + nc] += p_cmp
+    return pieces.reshape(p_cmp.shape[:-1] + (kb, per_s)).sum(axis=-1)
 
 
 def nsa_scores(q: np.ndarray, k: np.ndarray, compress_size: int, stride: int, block_size: int,
@@ -125,8 +142,7 @@ def nsa_scores(q: np.ndarray, k: np.ndarray, compress_size: int, stride: int, bl
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     kc = compressed_keys(k, compress_size, stride)                       # [B, Hkv, Nc, D]
-    W = overlap_weights(Sk, compress_size, stride, block_size)           # [Nc, Kb]
-    nc, kb = W.shape
+    nc, kb = kc.shape[2], num_blocks(Sk, block_size)
     if out is None:
         p_slc = np.empty((Bn, Hkv, Sq, kb), np.float64)
         p_cmp = np.empty((Bn, Hq, Sq, nc), np.float64)
@@ -135,7 +151,8 @@ def nsa_scores(q: np.ndarray, k: np.ndarray, compress_size: int, stride: int, bl
     scale = 1.0 / np.sqrt(D)
     pos = np.arange(Sq) + (Sk - Sq)
     ends = np.arange(nc) * stride + compress_size - 1                    # last key of block i
-    R = rows_per_chunk(Sq, 8 * G * (D + 3 * nc + kb), 8 * (p_slc.size + p_cmp.size + kc.size),
+    R = rows_per_chunk(Sq, 8 * G * (D + 3 * nc + 2 * kb + Sk // stride),
+                       8 * (p_slc.size + p_cmp.size + kc.size),
                        "nsa scores")
     for b in range(Bn):
         for g in range(Hkv):
@@ -152,7 +169,8 @@ def nsa_scores(q: np.ndarray, k: np.ndarray, compress_size: int, stride: int, bl
                 tot = e.sum(axis=-1, keepdims=True)
                 p = np.where(none, 0.0, e / np.where(none, 1.0, tot))     # [G, R, Nc]
                 p_cmp[b, h0:h1, r0:r1] = p
-                p_slc[b, g, r0:r1] = (p @ W).sum(axis=0)                  # sum over the group
+                p_slc[b, g, r0:r1] = spread_to_blocks(                  # eq. 9, then eq. 10:
+                    p, Sk, compress_size, stride, block_size).sum(axis=0)  # sum over the group
     return p_slc, p_cmp
 
 
@@ -185,7 +203,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: NsaParams
         visible = j[None, :] <= own[:, None]                              # [Sq, Kb]
     else:
         visible = np.ones((Sq, kb), bool)
-    forced = (j[None, :] < int(params.force_sink)) & (own[:, None] >= 0)
+    forced = np.broadcast_to(j[None, :] < int(params.force_sink), (Sq, kb)).copy()
     forced |= (j[None, :] <= own[:, None]) & (j[None, :] > own[:, None] - int(params.force_recent))
     forced &= visible
     k_rank = np.maximum(int(params.topk) - forced.sum(axis=-1), 0)        # [Sq]
