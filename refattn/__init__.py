@@ -8,6 +8,8 @@ from .core import (
     BlockMask,
     BlockScores,
     InputError,
+    KeepSet,
+    VerticalSlash,
     MemoryLimitError,
     Selection,
     apply_permutation,
@@ -24,7 +26,7 @@ from .reference.metrics import evaluate
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockMask", "BlockScores", "Selection", "InputError", "MemoryLimitError",
+    "BlockMask", "BlockScores", "Selection", "VerticalSlash", "KeepSet", "InputError", "MemoryLimitError",
     "apply_permutation", "invert_permutation", "make_permutation", "unpermute",
     "attention", "attention_backward", "select", "methods", "evaluate", "get_memory_limit", "set_memory_limit",
     "available_backends", "__version__",

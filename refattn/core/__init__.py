@@ -15,6 +15,8 @@ from .layout import (
 )
 from .blockmask import BlockMask, legal_blocks, num_blocks
 from .scores import BlockScores, Selection
+from .vertical_slash import VerticalSlash
+from .keepset import KeepSet
 from .permutation import (
     apply_permutation,
     invert_permutation,
@@ -25,6 +27,6 @@ from .permutation import (
 __all__ = [
     "InputError", "MemoryLimitError", "LAYOUTS", "AttnShape", "causal_offset", "default_scale",
     "from_bhsd", "kv_head_of", "normalize_qkv", "to_bhsd", "BlockMask", "legal_blocks",
-    "num_blocks", "BlockScores", "Selection", "apply_permutation", "invert_permutation",
+    "num_blocks", "BlockScores", "Selection", "VerticalSlash", "KeepSet", "apply_permutation", "invert_permutation",
     "make_permutation", "unpermute",
 ]

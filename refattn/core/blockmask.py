@@ -404,4 +404,9 @@ def prepare_mask(mask: Any, shape: Any) -> Any:
             raise InputError(f"mask: batch {B} does not match the inputs' {shape.batch}")
         if H not in (1, shape.q_heads):
             raise InputError(f"mask: {H} head masks do not match {shape.q_heads} query heads")
+    elif hasattr(mask, "batch_heads"):
+        B, H = mask.batch_heads()
+        if B not in (1, shape.batch) or H not in (1, shape.q_heads):
+            raise InputError(f"mask: token mask for (B, H) = ({B}, {H}) does not match the "
+                             f"inputs' ({shape.batch}, {shape.q_heads})")
     return mask
