@@ -22,6 +22,7 @@ from . import methods as _methods_package  # noqa: F401  (bind the subpackage fi
 from .api import attention, attention_backward, methods, select  # ... so `methods` stays the function
 from .reference.memory import get_memory_limit, set_memory_limit
 from .reference.metrics import evaluate
+from . import data, io  # noqa: E402  (refattn.io.load, refattn.data.sample)
 
 __version__ = "0.1.0"
 

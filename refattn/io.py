@@ -103,7 +103,7 @@ def _rows_to_bhsd(x: np.ndarray, layout: str, name: str) -> np.ndarray:
     return x[None] if layout == "hsd" else x
 
 
-def _resolve_layout(layout: str | None, meta: Mapping[str, Any], path: Path) -> str:
+def _resolve_layout(layout: str | None, meta: Mapping[str, Any], path: Any) -> str:
     stated = meta.get("layout")
     stated_l = str(stated).lower() if stated is not None else None
     if stated_l is not None and stated_l not in LAYOUTS:
@@ -126,10 +126,13 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise InputError(f"{path}: expected an .npz archive, found a single .npy array")
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):
+            raise InputError(f"{path}: expected an .npz archive, found a single .npy array")
+        try:
             raw = {key: z[key] for key in z.files}
+        finally:
+            z.close()
     except InputError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
@@ -166,11 +169,14 @@ def _read_npy(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     except (ValueError, OSError, EOFError) as e:
         raise InputError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
     if not isinstance(a, np.ndarray):
+        a.close()
         raise InputError(f"{path}: expected a single .npy array, found an .npz archive")
     return {"array": a}, {}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy; safetensors looks it up by name)
+
     try:
         from safetensors import safe_open
 
@@ -221,6 +227,15 @@ def load(path: str | os.PathLike, layout: str | None = "bhsd", *,
     """
     p = Path(path)
     arrays, meta = read_raw(p)
+    return from_raw(arrays, meta, layout, require=require, where=str(p))
+
+
+def from_raw(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], layout: str | None = "bhsd",
+             *, require: Iterable[str] = ("q", "k", "v"), where: str = "input") -> dict[str, Any]:
+    """The second half of :func:`load`: check ``require``, resolve the layout and convert
+    the arrays of :func:`read_raw` (``where`` names the source in messages)."""
+    p = where
+    meta = dict(meta)
     for name in RESERVED:
         if name in arrays:
             raise InputError(f"{p}: array name {name!r} is reserved; rename it")
@@ -337,10 +352,10 @@ def save(path: str | os.PathLike, arrays: Mapping[str, Any],
 # ------------------------------------------------------------------- masks, selections
 def _geometry(data: Mapping[str, Any], name: str, where: Any) -> Any:
     if name in data and isinstance(data[name], np.ndarray):
-        if data[name].ndim != 0:
+        if data[name].size != 1:
             raise InputError(f"{where}: {name} must be a scalar (0-d array), got shape "
                              f"{data[name].shape}")
-        return _scalar(data[name])
+        return _scalar(data[name].reshape(()))
     return data.get("meta", {}).get(name)
 
 
@@ -390,11 +405,16 @@ def load_mask(source: str | os.PathLike | Mapping[str, Any], *,
     return BlockMask.from_indices(data["kv_num_blocks"], data["kv_indices"], **kw)
 
 
-def _mask_arrays(mask: BlockMask) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    arrays = {"mask": np.asarray(mask.mask), "block_q": np.array(mask.block_q),
-              "block_k": np.array(mask.block_k), "q_len": np.array(mask.q_len),
-              "k_len": np.array(mask.k_len)}
-    return arrays, {"head_kind": mask.head_kind}
+def _mask_arrays(mask: BlockMask, path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
+                                                                     dict[str, Any]]:
+    """``mask`` and its geometry: 0-d arrays in ``.npz`` (``z["block_q"]`` works for any
+    reader), metadata in ``.safetensors`` (which has no 0-d tensors or strings)."""
+    geo = dict(zip(MASK_GEOMETRY, mask.geometry(), strict=True))
+    if str(path).lower().endswith(".npz"):
+        arrays = {"mask": np.asarray(mask.mask)}
+        arrays.update({n: np.array(geo.pop(n)) for n in MASK_GEOMETRY[:4]})
+        return arrays, geo
+    return {"mask": np.asarray(mask.mask)}, geo
 
 
 def save_mask(path: str | os.PathLike, mask: BlockMask,
@@ -402,7 +422,7 @@ def save_mask(path: str | os.PathLike, mask: BlockMask,
     """Write a :class:`BlockMask` (``mask`` plus its geometry) atomically."""
     if not isinstance(mask, BlockMask):
         raise InputError(f"mask: expected a BlockMask, got {type(mask).__name__}")
-    arrays, meta = _mask_arrays(mask)
+    arrays, meta = _mask_arrays(mask, path)
     return save(path, arrays, {**meta, **dict(metadata or {})})
 
 
@@ -418,7 +438,7 @@ def save_selection(path: str | os.PathLike, selection: Selection,
     """
     if not isinstance(selection, Selection):
         raise InputError(f"selection: expected a Selection, got {type(selection).__name__}")
-    arrays, meta = _mask_arrays(selection.mask)
+    arrays, meta = _mask_arrays(selection.mask, path)
     if selection.scores is not None:
         s = selection.scores
         arrays["scores"] = np.asarray(s.scores, dtype=np.float64)
@@ -451,7 +471,7 @@ def load_selection(source: str | os.PathLike | Mapping[str, Any]) -> Selection:
     mask = load_mask(data)
     scores = None
     if "scores" in data:
-        g = meta.get("scores_geometry") or dict(zip(MASK_GEOMETRY, mask.geometry()))
+        g = meta.get("scores_geometry") or dict(zip(MASK_GEOMETRY, mask.geometry(), strict=True))
         try:
             scores = BlockScores(np.asarray(data["scores"], dtype=np.float64),
                                  block_q=int(g["block_q"]), block_k=int(g["block_k"]),
@@ -469,5 +489,5 @@ def load_selection(source: str | os.PathLike | Mapping[str, Any]) -> Selection:
                      extras=extras)
 
 
-__all__ = ["load", "save", "read_raw", "load_mask", "save_mask", "save_selection",
+__all__ = ["load", "save", "read_raw", "from_raw", "load_mask", "save_mask", "save_selection",
            "load_selection", "has_mask", "LayoutWarning", "SUFFIXES"]

@@ -15,7 +15,9 @@ rotary embeddings act on each frequency pair (NeoX "rotate half": dimension ``p`
   (RoPE's long-range decay).
 * **slash lines** at offsets ``d``: as the local term, but the query carries ``w_d`` rotated
   by ``-d`` (``R_{-d} w_d``), so the cosine sum peaks at ``j = i - d``; i.e. after RoPE the
-  key ``k_j`` resembles the query ``q_{j+d}``.
+  key ``k_j`` resembles the query ``q_{j+d}``. The local term and each slash use disjoint,
+  interleaved subsets of the high-frequency pairs: vectors on disjoint pairs stay
+  orthogonal under any rotation, so one's RoPE side lobes cannot cancel another's peak.
 
 Base Gaussian noise lives mainly in the middle frequency pairs (std 1; std 0.2 in the pairs
 that carry structure). Gains are stated as logits added at the peak (after the
@@ -184,6 +186,15 @@ def synthetic(batch: int = 1, q_heads: int = 4, kv_heads: int = 2, seq_len: int 
     qgain = np.sqrt(D) / c                                   # query-side norm per unit logit
 
     stripe_pos, offsets = _draw_positions(rng, seq_len, stripes, slashes)
+    # The diagonal structures (local, then one per slash) share the high-frequency band;
+    # each takes an interleaved subset of its pairs so that they cannot interfere (vectors on
+    # disjoint pairs stay orthogonal under any rotation). Too few pairs: they share the band.
+    n_diag = int(bool(local)) + offsets.size
+    if n_diag and local_pairs.size >= n_diag:
+        bands = [local_pairs[i::n_diag] for i in range(n_diag)]
+    else:
+        bands = [local_pairs] * n_diag
+    local_band, slash_bands = (bands[0] if local else None), bands[int(bool(local)):]
     k_pos = np.arange(seq_len)
     q_pos = np.arange(seq_len - q_len, seq_len)
     group = q_heads // kv_heads
@@ -194,8 +205,8 @@ def synthetic(batch: int = 1, q_heads: int = 4, kv_heads: int = 2, seq_len: int 
         for g in range(kv_heads):
             u = _pair_vector(rng, sink_pairs, half)
             s = _pair_vector(rng, stripe_pairs, half)
-            w = _pair_vector(rng, local_pairs, half)
-            w_sl = [_pair_vector(rng, local_pairs, half) for _ in offsets]
+            w = _pair_vector(rng, local_band, half) if local else np.zeros(D)
+            w_sl = [_pair_vector(rng, band, half) for band in slash_bands]
             kk = rng.standard_normal((seq_len, D)) * std
             if local:
                 kk += c * w
@@ -215,7 +226,7 @@ def synthetic(batch: int = 1, q_heads: int = 4, kv_heads: int = 2, seq_len: int 
                     qq += gains["sink"] * qgain * u
                 if stripe_pos.size:
                     qq += gains["stripe"] * qgain * s
-                for d, wd in zip(offsets, w_sl):
+                for d, wd in zip(offsets, w_sl, strict=True):
                     qq += gains["slash"] * qgain * _rotate_pairs(wd, -float(d), D, theta)
                 q[b, h] = rope(qq, q_pos, theta)
     return q.astype(out_dtype), k.astype(out_dtype), v.astype(out_dtype)

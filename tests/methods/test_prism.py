@@ -146,7 +146,7 @@ def test_top_p_keeps_zero_blocks_when_float32_total_is_below_tau():
 
 
 def test_structured_properties_and_tau_extremes():
-    q, k, v = synthetic(1, 4, 2, 1536, 128, seed=6)
+    q, k, v = synthetic(1, 4, 2, 1536, 128, seed=3)
     n = 12
     legal = np.tril(np.ones((n, n), bool))
     sel = refattn.select(q, k, "prism")
