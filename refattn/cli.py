@@ -545,6 +545,17 @@ def demo(as_json: bool) -> None:
     _print_rows(rows, skipped, by_head=True)
 
 
+def _add_subcommands() -> None:
+    import sys
+
+    from .cli_kv import add_kv_command
+
+    add_kv_command(cli, sys.modules[__name__])
+
+
+_add_subcommands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``refattn``)."""
     cli.main(args=argv, prog_name="refattn")
