@@ -106,14 +106,16 @@ def cumulative_threshold(scores: np.ndarray, tau: Any, *, valid: np.ndarray | No
     srt = np.take_along_axis(np.where(ok, s, 0.0), order, axis=-1)
     sok = np.take_along_axis(ok, order, axis=-1)
     cum = np.cumsum(srt, axis=-1)
+    has_mass = np.ones(cum.shape[:-1] + (1,), bool)
     if normalize:
         tot = cum[..., -1:]
+        has_mass = tot > 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            cum = np.where(tot > 0, cum / np.where(tot > 0, tot, 1.0), 0.0)
+            cum = np.where(has_mass, cum / np.where(has_mass, tot, 1.0), 0.0)
     # blocks strictly before the crossing: cum_before < tau
     before = np.concatenate([np.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
     keep_sorted = (before < t) if include_crossing else (cum < t)
-    keep_sorted &= sok & (t > 0)
+    keep_sorted &= sok & (t > 0) & has_mass
     mask = np.zeros_like(keep_sorted)
     np.put_along_axis(mask, order, keep_sorted, axis=-1)
     return mask, _min_selected(s, mask)
