@@ -208,6 +208,7 @@ def op_cases(name: str, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
 
     Raises KeyError for an op without cases (the suite then fails, so a new kernel's op
     must bring its cases)."""
+    _load_case_modules()
     gen = _CASES[name]
     yield from gen(rng)
 
@@ -310,4 +311,16 @@ def register_cases(name: str, gen: Any) -> None:
 
 
 def has_cases(name: str) -> bool:
+    _load_case_modules()
     return name in _CASES
+
+
+def _load_case_modules() -> None:
+    """Import every module of :mod:`refattn.cases` (each registers its ops' cases)."""
+    import importlib
+    import pkgutil
+
+    from . import cases
+
+    for mod in pkgutil.iter_modules(cases.__path__):
+        importlib.import_module(f"{cases.__name__}.{mod.name}")

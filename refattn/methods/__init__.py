@@ -18,8 +18,9 @@ def load_all() -> None:
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base" and not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")
-    # KV-cache and static-pattern methods live in their own subpackage.
-    importlib.import_module("refattn.kvcache").load_all()
+    # KV-cache/static, video and token-importance methods live in their own subpackages.
+    for sub in ("refattn.kvcache", "refattn.video", "refattn.importance"):
+        importlib.import_module(sub).load_all()
 
 
 __all__ = ["MethodInfo", "get_method", "list_methods", "register_method", "load_all"]
