@@ -11,19 +11,18 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 import warnings
-import zlib
 from typing import Any, Callable, Iterable
 
 import click
 import numpy as np
 
 from . import __version__
-from .api import attention, attention_mask_of, select
-from .core.blockmask import BlockMask, legal_blocks
+from .api import attention, select
+from .core.blockmask import BlockMask
 from .core.errors import InputError
 from .core.layout import LAYOUTS, default_scale, normalize_qkv
+from .evaluation import baseline_masks, evaluate_methods
 from .io import (
     MASK_GEOMETRY,
     SEQ_ARRAYS,
@@ -36,9 +35,7 @@ from .io import (
     save,
     save_selection,
 )
-from .reference.attention import attention_forward
-from .reference.metrics import evaluate
-from .reference.selection import diagonal_blocks, force_local, force_sink
+from .reference.selection import force_local, force_sink
 
 SAMPLE_ALIAS = "@sample"
 DEMO_BUDGET_S = 40.0  # the demo skips remaining methods after this much time
@@ -139,6 +136,55 @@ def _shape(a: np.ndarray) -> str:
 
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _grid(text: str | None) -> tuple[int, int, int] | None:
+    """``--grid T,H,W`` as a tuple of three positive ints."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 1:
+        raise InputError(f"--grid: expected T,H,W (three positive integers), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _video_params(method: str, params: dict[str, Any], grid: str | None,
+                  text: int | None) -> dict[str, Any]:
+    """Add ``--grid``/``--text`` to a method's parameters (as ``grid``, ``text_tokens``) when
+    the method takes them; an explicit ``--param grid=...`` wins."""
+    g = _grid(grid)
+    if g is None and text is None:
+        return params
+    from .methods import get_method
+
+    names = set(get_method(method).defaults())
+    out = dict(params)
+    for key, val, opt in (("grid", g, "--grid"), ("text_tokens", text, "--text")):
+        if val is None or key in out:
+            continue
+        if key not in names:
+            raise InputError(f"{opt}: method {method!r} takes no {key!r} parameter")
+        out[key] = val
+    return out
+
+
+video_opts = [
+    click.option("--grid", default=None, help="Video token grid T,H,W (video methods)."),
+    click.option("--text", "text", type=int, default=None,
+                 help="Number of text tokens beside the video tokens (video methods)."),
+]
+
+
+def _add_options(opts: list[Any]) -> Callable[[Any], Any]:
+    def deco(fn: Any) -> Any:
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return deco
 
 
 layout_opt = click.option("--layout", type=click.Choice(LAYOUTS), default=None,
@@ -335,11 +381,13 @@ def methods_cmd(kind: str | None, as_json: bool) -> None:
 @click.option("--backend", type=click.Choice(["numpy", "numba", "cupy", "auto"]), default="numpy",
               show_default=True)
 @click.option("-o", "--output", required=True, help="Output file (.npz or .safetensors).")
+@_add_options(video_opts)
 def select_cmd(method: str, file: str, params: tuple[str, ...], layout: str | None,
-               causal: bool | None, backend: str, output: str) -> None:
+               causal: bool | None, backend: str, output: str, grid: str | None,
+               text: int | None) -> None:
     """Run METHOD's selection on FILE; save mask, geometry, scores, boundary and extras."""
     _check_out_path(output)
-    p = _parse_params(params, "--param")
+    p = _video_params(method, _parse_params(params, "--param"), grid, text)
     d = _load(file, layout, ("q", "k"))
     causal_v, _ = _resolve(causal, d["meta"], "causal", True)
     sel = _warn(lambda: select(d["q"], d["k"], method, v=d.get("v"), causal=bool(causal_v),
@@ -350,94 +398,6 @@ def select_cmd(method: str, file: str, params: tuple[str, ...], layout: str | No
 
 
 # ------------------------------------------------------------------------- evaluation
-def baseline_masks(mask: BlockMask, num_q_heads: int, batch: int, causal: bool,
-                   seed: int) -> dict[str, BlockMask]:
-    """Two baselines with ``mask``'s per-row budget (selected legal blocks per row, per
-    head): ``random`` (that many legal blocks, uniformly at random, seeded) and
-    ``causal-window`` (the band of that many legal blocks nearest the diagonal block)."""
-    m = mask.expand_heads(num_q_heads)
-    legal = legal_blocks(m.q_len, m.k_len, m.block_q, m.block_k, causal)
-    full = np.broadcast_to(m.mask, (batch, num_q_heads) + m.mask.shape[2:]) & legal
-    count = full.sum(-1, keepdims=True)
-    rng = np.random.default_rng(seed)
-
-    def take(key: np.ndarray) -> np.ndarray:  # the `count` legal blocks of smallest key
-        key = np.where(legal, key, np.inf)
-        rank = np.argsort(np.argsort(key, axis=-1, kind="stable"), axis=-1, kind="stable")
-        return (rank < count) & legal
-
-    diag = diagonal_blocks(m.q_len, m.k_len, m.block_q, m.block_k)[:, None]
-    cols = np.arange(m.num_k_blocks)[None, :]
-    window = (2.0 * np.abs(cols - diag) + (cols > diag)).astype(np.float64)
-    return {"random": m.like(take(rng.random(full.shape))),
-            "causal-window": m.like(take(np.broadcast_to(window, full.shape)))}
-
-
-def _rows(label: str, ev: Any, per_head: bool, baseline_for: str | None) -> list[dict[str, Any]]:
-    o = ev.overall
-    rows = [{"method": label, "baseline_for": baseline_for, "head": "all",
-             "density": o["density"], "recall": o["recall"], "output_error": o["output_error"],
-             "flops_saved": o["flops_saved"],
-             "recall_by_head": [round(float(x), 4) for x in ev.recall.reshape(-1)]}]
-    if per_head:
-        B, H = ev.density.shape
-        for b in range(B):
-            for h in range(H):
-                rows.append({"method": label, "baseline_for": baseline_for,
-                             "head": h if B == 1 else f"{b}/{h}",
-                             "density": float(ev.density[b, h]), "recall": float(ev.recall[b, h]),
-                             "output_error": float(ev.output_error[b, h]),
-                             "flops_saved": float(1 - ev.masked_flops[b, h] / max(ev.dense_flops, 1))})
-    return rows
-
-
-def _evaluate_methods(q: np.ndarray, k: np.ndarray, v: np.ndarray, names: list[str],
-                      params: dict[str, dict[str, Any]], causal: bool, scale: float, *,
-                      per_head: bool, seed: int, baselines: bool = True, backend: str = "numpy",
-                      progress: bool = False, budget_s: float | None = None,
-                      catch: tuple[type[BaseException], ...] = (InputError,),
-                      extra: dict[str, BlockMask] | None = None
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Rows of density/recall/error/FLOPs for each named method (plus its two baselines
-    when ``baselines``) and for the ``extra`` masks, sharing one dense pass; and the
-    skipped methods with the reason (errors of the types in ``catch``, time budget)."""
-    dense = attention_forward(q, k, v, None, causal, scale)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for label, m in (extra or {}).items():
-        rows += _rows(label, evaluate(q, k, v, m, causal, scale, dense=dense), per_head, None)
-    start = time.monotonic()
-
-    def run(name: str) -> None:
-        if budget_s is not None and time.monotonic() - start > budget_s:
-            skipped.append({"method": name, "reason": f"time budget of {budget_s:.0f} s spent"})
-            return
-        try:
-            sel = _warn(lambda: select(q, k, name, v=v, causal=causal, backend=backend,
-                                       **params.get(name, {})))
-        except catch as e:
-            skipped.append({"method": name, "reason": f"{type(e).__name__}: {e}"})
-            return
-        ev = evaluate(q, k, v, attention_mask_of(sel), causal, scale, dense=dense)
-        rows.extend(_rows(name, ev, per_head, None))
-        if not baselines:
-            return
-        base = baseline_masks(sel.mask, q.shape[1], q.shape[0], causal,
-                              seed=zlib.crc32(f"{seed}:{name}".encode()))
-        for bname, bm in base.items():
-            rows.extend(_rows(f"{bname}@{name}", evaluate(q, k, v, bm, causal, scale, dense=dense),
-                              per_head, name))
-
-    if progress and len(names) > 1:
-        with click.progressbar(names, label="evaluating", file=sys.stderr) as bar:
-            for name in bar:
-                run(name)
-    else:
-        for name in names:
-            run(name)
-    return rows, skipped
-
-
 def _print_rows(rows: list[dict[str, Any]], skipped: list[dict[str, str]], *,
                 by_head: bool = False) -> None:
     table = [[r["method"], str(r["head"]), f"{r['density']:.4f}", f"{r['recall']:.4f}",
@@ -472,14 +432,18 @@ def _inputs(d: dict[str, Any], causal: bool | None, default_causal: bool
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
 @layout_opt
+@click.option("--kind", default="llm-prefill", show_default=True,
+              help="The kind of methods that --methods all means (llm-prefill, video, ...).")
+@_add_options(video_opts)
 def eval_cmd(file: str, names: str, params: tuple[str, ...], causal: bool | None,
-             per_head: bool, as_json: bool, seed: int, layout: str | None) -> None:
+             per_head: bool, as_json: bool, seed: int, layout: str | None, kind: str,
+             grid: str | None, text: int | None) -> None:
     """Density, recall, output error and FLOPs saved of methods' masks on FILE, each with a
     random and a causal-window baseline of the same per-row budget."""
     from .methods import get_method, list_methods
 
     everything = names.strip() == "all"
-    wanted = list(list_methods("llm-prefill")) if everything else \
+    wanted = list(list_methods(kind)) if everything else \
         [n.strip() for n in names.split(",") if n.strip()]
     if not wanted:
         raise InputError(f"--methods: no method named in {names!r}")
@@ -493,11 +457,17 @@ def eval_cmd(file: str, names: str, params: tuple[str, ...], causal: bool | None
                              f"(evaluating {wanted})")
         per.setdefault(mname, {})[pname] = val
     for n in wanted:
+        if grid is not None or text is not None:
+            names_n = set(get_method(n).defaults())
+            if everything and not ({"grid", "text_tokens"} & names_n):
+                continue
+            per[n] = _video_params(n, per.get(n, {}), grid, text)
         get_method(n).make_params(**per.get(n, {}))  # unknown method/parameter: exit 2 now
     q, k, v, causal_v, scale = _inputs(_load(file, layout, ("q", "k", "v")), causal, True)
-    rows, skipped = _evaluate_methods(q, k, v, wanted, per, causal_v, scale, per_head=per_head,
+    rows, skipped = evaluate_methods(q, k, v, wanted, per, causal_v, scale, per_head=per_head,
                                       seed=seed, progress=not as_json,
-                                      catch=(InputError,) if not everything else (Exception,))
+                                      catch=(InputError,) if not everything else (Exception,),
+                                      wrap=_warn)
     if as_json:
         _echo_json({"file": file, "causal": causal_v, "softmax_scale": scale,
                     "results": rows, "skipped": skipped})
@@ -524,9 +494,9 @@ def demo(as_json: bool) -> None:
     extra = {"dense-causal": full, "sink+local(1+3 blocks)": sink_local,
              "random@sink+local": baseline_masks(sink_local, q.shape[1], 1, causal, seed=0)["random"]}
     names = list(list_methods("llm-prefill"))
-    rows, skipped = _evaluate_methods(q, k, v, names, {}, causal, scale, per_head=False, seed=0,
+    rows, skipped = evaluate_methods(q, k, v, names, {}, causal, scale, per_head=False, seed=0,
                                       baselines=False, budget_s=DEMO_BUDGET_S,
-                                      catch=(Exception,), extra=extra)
+                                      catch=(Exception,), extra=extra, wrap=_warn)
     info_ = {"model": meta.get("model"), "licence": meta.get("model_licence"),
              "layer": meta.get("layer"), "q_heads_of_model": meta["q_head_index"].tolist(),
              "text": meta.get("text_source"), "q": list(q.shape), "k": list(k.shape),
