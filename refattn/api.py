@@ -7,8 +7,15 @@ import numpy as np
 
 from .core.blockmask import BlockMask
 from .core.errors import InputError
-from .core.layout import (as_array, as_numpy, check_float, default_scale, from_bhsd,
-                          normalize_qkv, to_bhsd)
+from .core.layout import (
+    as_array,
+    as_numpy,
+    check_float,
+    default_scale,
+    from_bhsd,
+    normalize_qkv,
+    to_bhsd,
+)
 from .core.registry import dispatch, resolve_backend
 from .core.scores import Selection
 from .reference import attention as _ref_attention  # noqa: F401  (defines the ops)

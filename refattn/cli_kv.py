@@ -27,8 +27,8 @@ def add_kv_command(group: click.Group, helpers: Any) -> None:
            layout: str | None, as_json: bool, output: str | None) -> None:
         """Run KV-cache METHOD on FILE's prompt (and DECODE's steps): kept tokens and, per
         decode step, output error against the full cache, kept count and attention recall."""
-        from .kvcache.simulate import parse_budget, run_kv
         from .io import save
+        from .kvcache.simulate import parse_budget, run_kv
 
         if output is not None:
             helpers._check_out_path(output)

@@ -60,7 +60,7 @@ def test_token_mask_and_partial_full_split(g, causal, seed):
     assert (part | full) == m and not (part.mask & full.mask).any()
     # a full block is uncut: every token pair visible and full-sized
     fb = full_blocks(sq, sk, bq, bk, causal)
-    for I, J in zip(*np.nonzero(fb)):
+    for I, J in zip(*np.nonzero(fb), strict=True):
         rows = np.arange(I * bq, (I + 1) * bq)
         cols = np.arange(J * bk, (J + 1) * bk)
         assert rows[-1] < sq and cols[-1] < sk

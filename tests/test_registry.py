@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from refattn import testing
 from refattn.check import compare_arrays
 from refattn.core import registry
-from refattn import testing
 
 
 def _kernel_params():
@@ -64,7 +64,7 @@ def test_kernel_matches_reference(name, backend):
         got = impl(*args, out=out)
         got = got if isinstance(got, tuple) else (got,)
         base = testing.op_baseline(name, args, dt)
-        for i, (r, g) in enumerate(zip(ref, got)):
+        for i, (r, g) in enumerate(zip(ref, got, strict=True)):
             g = _host(g)
             if op.kind == "exact" or np.asarray(r).dtype.kind in "biu":
                 ok = np.array_equal(np.asarray(r), g)

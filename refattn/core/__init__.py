@@ -2,7 +2,9 @@
 
 Nothing in ``refattn.core`` imports any other part of refattn.
 """
+from .blockmask import BlockMask, legal_blocks, num_blocks
 from .errors import InputError, MemoryLimitError
+from .keepset import KeepSet
 from .layout import (
     LAYOUTS,
     AttnShape,
@@ -13,16 +15,14 @@ from .layout import (
     normalize_qkv,
     to_bhsd,
 )
-from .blockmask import BlockMask, legal_blocks, num_blocks
-from .scores import BlockScores, Selection
-from .vertical_slash import VerticalSlash
-from .keepset import KeepSet
 from .permutation import (
     apply_permutation,
     invert_permutation,
     make_permutation,
     unpermute,
 )
+from .scores import BlockScores, Selection
+from .vertical_slash import VerticalSlash
 
 __all__ = [
     "InputError", "MemoryLimitError", "LAYOUTS", "AttnShape", "causal_offset", "default_scale",

@@ -31,8 +31,8 @@ from ..core.errors import InputError
 from ..core.keepset import KeepSet, resolve_budget
 from ..core.layout import normalize_qkv
 from ..methods.base import get_method
-from ._common import attention_probs, repeat_kv
 from . import caote, h2o, presses, snapkv, streamingllm, vatp  # noqa: F401  (register methods)
+from ._common import attention_probs, repeat_kv
 
 COLUMNS = (
     "step",

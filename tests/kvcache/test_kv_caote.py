@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
+from kv_util import random_qkv
 
 from refattn.core.errors import InputError
 from refattn.kvcache import caote
 from refattn.kvcache._common import attention_probs
 from refattn.kvcache.caote import CAOTEParams, caote_score
-from kv_util import random_qkv
 
 
 def test_closed_form_equals_eviction_error():

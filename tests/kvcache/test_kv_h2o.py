@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
+from kv_util import random_qkv
 
 from refattn.core.errors import InputError
 from refattn.kvcache import h2o
 from refattn.kvcache._common import attention_probs
 from refattn.kvcache.h2o import H2OParams, MaskSimCache, RealDropCache, single_forward_mask
-from conformance import load, vector_params
-from kv_util import random_qkv
 
 LAYERWISE = [
     p for p in vector_params("h2o") if p.values[0] is None or "layerwise" in p.values[0].name

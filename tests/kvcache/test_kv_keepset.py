@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
+from kv_util import random_qkv
 
 import refattn
 from refattn.core.errors import InputError
 from refattn.core.keepset import KeepSet, TokenMask, resolve_budget, resolve_head_budgets
-from kv_util import random_qkv
 
 
 def test_construction_and_views():

@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
+from kv_util import assert_same_keep, random_qkv
 
 from refattn.core.errors import InputError
 from refattn.kvcache import presses
 from refattn.kvcache._common import apply_rope
 from refattn.kvcache.presses import PressParams, press_keep, press_score
-from conformance import load, vector_params
-from kv_util import assert_same_keep, random_qkv
 
 NAMES = {
     "KnormPress": "knorm",

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
+from kv_util import random_qkv
 
 import refattn
 from refattn.core.errors import InputError
 from refattn.core.keepset import KeepSet
 from refattn.kvcache import run_kv
 from refattn.kvcache.simulate import COLUMNS, budget_params, parse_budget
-from kv_util import random_qkv
 
 T = 6
 

@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
+from kv_util import assert_same_keep, random_qkv
 
 import refattn
 from refattn.core.errors import InputError
 from refattn.kvcache import snapkv
 from refattn.kvcache.snapkv import SnapKVParams, pool1d, snapkv_keep, snapkv_score
-from conformance import load, vector_params
-from kv_util import assert_same_keep, random_qkv
 
 
 @pytest.mark.parametrize("path", vector_params("snapkv"))

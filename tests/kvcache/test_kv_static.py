@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from kv_util import random_qkv
 
 import refattn
 from refattn.core.errors import InputError
@@ -12,7 +13,6 @@ from refattn.kvcache.block_attention import (
     reencode_block_keys,
 )
 from refattn.kvcache.blockbert import BlockBERTParams, blockbert_mask
-from kv_util import random_qkv
 
 
 def test_block_attention_mask_rule():

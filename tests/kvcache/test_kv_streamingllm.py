@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
 
 from refattn.core.errors import InputError
 from refattn.kvcache import streamingllm
@@ -12,7 +13,6 @@ from refattn.kvcache.streamingllm import (
     shifted_attention,
     shifted_qk,
 )
-from conformance import load, vector_params
 
 
 def _vectors(prefix):

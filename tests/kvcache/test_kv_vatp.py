@@ -2,14 +2,14 @@ import json
 
 import numpy as np
 import pytest
+from conformance import load, vector_params
+from kv_util import random_qkv
 
 from refattn.core.errors import InputError
 from refattn.kvcache import vatp
 from refattn.kvcache._common import attention_probs
 from refattn.kvcache.h2o import SINK_SCORE
 from refattn.kvcache.vatp import VATPParams, value_l1norm, vatp_score
-from conformance import load, vector_params
-from kv_util import random_qkv
 
 
 @pytest.mark.parametrize("path", vector_params("vatp"))
