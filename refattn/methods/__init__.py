@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-from .base import MethodInfo, get_method, list_methods, register_method
+from .base import MethodInfo, get_method, import_submodules, list_methods, register_method
 
 _loaded = False
 
@@ -15,9 +14,7 @@ def load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base" and not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    import_submodules(__name__, __path__, skip=("base",))
     # KV-cache/static, video and token-importance methods live in their own subpackages.
     for sub in ("refattn.kvcache", "refattn.video", "refattn.importance"):
         importlib.import_module(sub).load_all()

@@ -94,6 +94,17 @@ def list_methods(kind: str | None = None) -> dict[str, MethodInfo]:
     return {n: m for n, m in sorted(_METHODS.items()) if kind is None or m.kind == kind}
 
 
+def import_submodules(package: str, path: Any, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of ``package`` (at ``path``) whose name does not start with an
+    underscore and is not in ``skip``: method modules register themselves on import."""
+    import importlib
+    import pkgutil
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(path)):
+        if not mod.startswith("_") and mod not in skip:
+            importlib.import_module(f"{package}.{mod}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise InputError(f"{name}: expected one of {choices}, got {value!r}")

@@ -1,16 +1,12 @@
-"""Video diffusion-transformer methods (token grids, partitions, pyramid and piecewise attention): one module
-per method, each registering itself with :func:`refattn.methods.base.register_method`.
-
-Every module of this package whose name does not start with an underscore is imported by
-:func:`load_all` (called by :func:`refattn.methods.load_all`)."""
+"""Video diffusion-transformer methods (token grids, partitions, pyramid and piecewise
+attention): one module per method, each registering itself with
+:func:`refattn.methods.base.register_method`; :func:`load_all` (called by
+:func:`refattn.methods.load_all`) imports every module whose name has no leading underscore."""
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 
 def load_all() -> None:
     """Import every method module of this package (each registers itself)."""
-    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        if not mod.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod}")
+    from ..methods.base import import_submodules
+
+    import_submodules(__name__, __path__)
