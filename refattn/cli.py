@@ -83,12 +83,25 @@ def _load(path: str, layout: str | None, require: Iterable[str] = ()) -> dict[st
 
 
 def _mask_file(path: str) -> BlockMask:
-    """The block mask saved in ``path``; warns when it came from a token-level selection."""
+    """The block mask saved in ``path``. A selection whose attention is token-level (a
+    token mask, or blocks in permuted token order) cannot be rebuilt from the file alone:
+    refused, rather than running its block mask in the wrong token order."""
     d = _load(path, None)
-    if "token_mask" in (d["meta"].get("extras") or {}):
-        click.echo(f"refattn: warning: {path}: the selection used a token-level mask, which is "
-                   "not stored in files; using its block mask", err=True)
+    extras = d["meta"].get("extras") or {}
+    permuted = [k for k in d if k.startswith("extra_") and "perm" in k]
+    if "token_mask" in extras or permuted:
+        what = "a token-level mask" if "token_mask" in extras else f"a permutation ({permuted[0]})"
+        raise InputError(f"--mask {path}: the selection ({d['meta'].get('method', '?')}) runs "
+                         f"attention through {what}, which a saved block mask does not carry; "
+                         "use `refattn eval` or refattn.attention(q, k, v, mask=selection) in Python")
     return load_mask(d)
+
+
+def _default_causal(method: str) -> bool:
+    """Causal by default, except for video (DiT) methods, which attend bidirectionally."""
+    from .methods import get_method
+
+    return get_method(method).kind != "video"
 
 
 def _check_out_path(out: str) -> None:
@@ -389,7 +402,7 @@ def select_cmd(method: str, file: str, params: tuple[str, ...], layout: str | No
     _check_out_path(output)
     p = _video_params(method, _parse_params(params, "--param"), grid, text)
     d = _load(file, layout, ("q", "k"))
-    causal_v, _ = _resolve(causal, d["meta"], "causal", True)
+    causal_v, _ = _resolve(causal, d["meta"], "causal", _default_causal(method))
     sel = _warn(lambda: select(d["q"], d["k"], method, v=d.get("v"), causal=bool(causal_v),
                                backend=backend, **p))
     save_selection(output, sel, {"source": file, "causal": bool(causal_v)})
@@ -463,7 +476,8 @@ def eval_cmd(file: str, names: str, params: tuple[str, ...], causal: bool | None
                 continue
             per[n] = _video_params(n, per.get(n, {}), grid, text)
         get_method(n).make_params(**per.get(n, {}))  # unknown method/parameter: exit 2 now
-    q, k, v, causal_v, scale = _inputs(_load(file, layout, ("q", "k", "v")), causal, True)
+    default_causal = not all(get_method(n).kind == "video" for n in wanted)
+    q, k, v, causal_v, scale = _inputs(_load(file, layout, ("q", "k", "v")), causal, default_causal)
     rows, skipped = evaluate_methods(q, k, v, wanted, per, causal_v, scale, per_head=per_head,
                                       seed=seed, progress=not as_json,
                                       catch=(InputError,) if not everything else (Exception,),
@@ -518,9 +532,11 @@ def demo(as_json: bool) -> None:
 def _add_subcommands() -> None:
     import sys
 
+    from .cli_importance import add_importance_command
     from .cli_kv import add_kv_command
 
     add_kv_command(cli, sys.modules[__name__])
+    add_importance_command(cli, sys.modules[__name__])
 
 
 _add_subcommands()

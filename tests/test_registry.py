@@ -6,6 +6,8 @@ poisoned (NaN for floats, a sentinel for integers) so unwritten elements are cau
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,10 @@ from refattn.core import registry
 
 
 def _kernel_params():
+    # Ops are defined by the reference and by method modules, and cases by refattn.cases:
+    # import them all before enumerating.
+    importlib.import_module("refattn.methods").load_all()
+    testing.has_cases("attention_fwd")
     params = []
     for backend in ("numba", "cupy"):
         why = registry.load_backend(backend)
