@@ -11,7 +11,9 @@ Registered ops (same arguments as the reference, ``refattn.reference.attention``
 * ``attention_fwd``: ``fwd(q, k, v, mask=None, causal=False, scale=None, *, out=None)``
   -> ``(out fp32 [B, Hq, Sq, Dv], lse fp32 [B, Hq, Sq])``;
 * ``attention_bwd``: ``bwd(q, k, v, o, do, lse, mask=None, causal=False, scale=None, *,
-  out=None)`` -> ``(dq, dk, dv)`` fp32.
+  out=None)`` -> ``(dq, dk, dv)`` fp32;
+* scoring ops of the LLM-prefill methods (``gpu/scoring.py``): ``xattention_score``,
+  ``moba_score``, ``quest_score``, ``prism_score``.
 
 See ``docs/gpu.md`` for the kernels, their coverage and measured speed.
 """
@@ -33,6 +35,7 @@ from refattn.core.registry import register  # noqa: E402
 
 from . import attention as _attention  # noqa: E402
 from ._build import device_cc, tensor_cores_available  # noqa: E402,F401
+from . import scoring as _scoring  # noqa: E402,F401  (registers the LLM scoring ops)
 
 attention_fwd = register("attention_fwd", "cupy")(_attention.attention_fwd)
 attention_bwd = register("attention_bwd", "cupy")(_attention.attention_bwd)

@@ -25,9 +25,9 @@ python3 -c "import torch; print('torch', torch.__version__)" 2>&1 | tail -1
 
 TEST_RC=skipped
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  echo "== tests (tests/test_gpu_attention.py)"
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfs --durations=5 \
-    tests/test_gpu_attention.py 2>&1 | tee "$LOG/gpu_tests.log"
+  echo "== tests (GPU attention + scoring, and every cupy kernel through the registry)"
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rfs --durations=5 \
+    tests/test_gpu_attention.py tests/test_gpu_scoring.py tests/test_registry.py 2>&1 | tee "$LOG/gpu_tests.log"
   TEST_RC=${PIPESTATUS[0]}
 fi
 
