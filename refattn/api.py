@@ -50,6 +50,9 @@ def attention(q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False,
     Returns ``out`` in the input layout (float64 from the reference, float32 from kernels),
     and ``lse [B, Hq, Sq]`` (natural log) when ``return_lse``.
     """
+    if isinstance(mask, Selection) and mask.extras.get("attention"):
+        return _method_attention(q, k, v, mask, causal=causal, softmax_scale=softmax_scale,
+                                 layout=layout, return_lse=return_lse, backend=backend)
     m = attention_mask_of(mask)
     if backend == "auto" and m is not None and not isinstance(m, BlockMask):
         backend = "numpy"  # token-level masks (MInference, PBS) run on the reference
@@ -62,6 +65,25 @@ def attention(q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False,
     if layout == "hsd":
         lse = lse[0]
     return (out, lse) if return_lse else out
+
+
+def _method_attention(q: Any, k: Any, v: Any, sel: Selection, *, causal: bool,
+                      softmax_scale: float | None, layout: str, return_lse: bool,
+                      backend: str) -> Any:
+    """Run a selection whose method computes attention its own way (PSA's pyramid
+    attention, PISA's piecewise attention): ``extras["attention"]`` names the function."""
+    import importlib
+    import inspect
+
+    modname, _, fname = str(sel.extras["attention"]).rpartition(".")
+    fn = getattr(importlib.import_module(modname), fname)
+    kwargs: dict[str, Any] = dict(softmax_scale=softmax_scale, layout=layout,
+                                  return_lse=return_lse, backend=backend)
+    if "causal" in inspect.signature(fn).parameters:
+        kwargs["causal"] = bool(causal)
+    elif causal:
+        raise InputError(f"causal: {sel.method or 'this method'}'s attention is not causal")
+    return fn(q, k, v, sel, **kwargs)
 
 
 def attention_backward(q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, *,

@@ -89,8 +89,10 @@ def _mask_file(path: str) -> BlockMask:
     d = _load(path, None)
     extras = d["meta"].get("extras") or {}
     permuted = [k for k in d if k.startswith("extra_") and "perm" in k]
-    if "token_mask" in extras or permuted:
-        what = "a token-level mask" if "token_mask" in extras else f"a permutation ({permuted[0]})"
+    if "token_mask" in extras or "attention" in extras or permuted:
+        what = ("a token-level mask" if "token_mask" in extras else
+                f"its own attention ({extras['attention']})" if "attention" in extras else
+                f"a permutation ({permuted[0]})")
         raise InputError(f"--mask {path}: the selection ({d['meta'].get('method', '?')}) runs "
                          f"attention through {what}, which a saved block mask does not carry; "
                          "use `refattn eval` or refattn.attention(q, k, v, mask=selection) in Python")

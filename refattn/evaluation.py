@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from .api import attention_mask_of, select
+from .api import attention, attention_mask_of, select
 from .core.blockmask import BlockMask, legal_blocks
 from .core.errors import InputError
 from .reference.attention import attention_forward
@@ -88,7 +88,10 @@ def evaluate_methods(q: np.ndarray, k: np.ndarray, v: np.ndarray, names: list[st
         except catch as e:
             skipped.append({"method": name, "reason": f"{type(e).__name__}: {e}"})
             return
-        ev = evaluate(q, k, v, attention_mask_of(sel), causal, scale, dense=dense)
+        own = None
+        if sel.extras.get("attention"):  # the method's own attention (pyramid, piecewise)
+            own = attention(q, k, v, mask=sel, causal=causal, softmax_scale=scale, backend=backend)
+        ev = evaluate(q, k, v, attention_mask_of(sel), causal, scale, dense=dense, out=own)
         rows.extend(rows_of(name, ev, per_head, None))
         if not baselines:
             return

@@ -82,11 +82,14 @@ class Evaluation:
 
 
 def evaluate(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any, causal: bool = True,
-             scale: float | None = None, dense: tuple[np.ndarray, np.ndarray] | None = None
-             ) -> Evaluation:
+             scale: float | None = None, dense: tuple[np.ndarray, np.ndarray] | None = None,
+             out: np.ndarray | None = None) -> Evaluation:
     """Density, recall, output error and FLOPs of ``mask`` on canonical q/k/v.
 
-    ``dense`` may pass a precomputed dense ``(out, lse)`` to share across masks.
+    ``dense`` may pass a precomputed dense ``(out, lse)`` to share across masks. ``out``:
+    the output of a method that computes attention its own way (PSA's pyramid, PISA's
+    piecewise attention); the output error is then that of ``out``, while recall, density
+    and FLOPs are those of the exact blocks ``mask`` selects.
     """
     shape = AttnShape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3],
                       v.shape[3])
@@ -99,6 +102,8 @@ def evaluate(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any, causal: boo
         rec_rows = np.where(np.isfinite(l_m), np.exp(np.minimum(l_m - l_d, 0.0)), 0.0)
     nrows = np.maximum(has.sum(-1), 1)
     recall = np.where(has, rec_rows, 0.0).sum(-1) / nrows
+    if out is not None:
+        o_m = np.asarray(out, np.float64)
     num = np.sqrt(((o_m - o_d) ** 2).sum(axis=(-1, -2)))
     den = np.sqrt((o_d ** 2).sum(axis=(-1, -2)))
     err = num / np.where(den > 0, den, 1.0)
