@@ -20,7 +20,8 @@ Algorithm (FlashAttention-style, no ``Sq x Sk`` array is ever allocated):
   walk over all key blocks up to the causal diagonal; key tiles that no row of the task
   can see are never loaded.
 * Numerics: inputs are converted once to float32 (fp16, bf16 and fp64 too); scores,
-  probabilities, the running max/sum and the ``P V`` accumulator are float32. ``np.dot``
+  probabilities, the running max/sum and the ``P V`` accumulator are float32 (``exp`` by
+  :func:`exp_f32`, a vectorizable float32 polynomial of ~2 ulp). ``np.dot``
   (BLAS sgemm) accumulates each tile in float32; tiles are combined in float32 by the
   online-softmax rescaling. ``-inf`` never enters the arithmetic: masked keys are skipped
   by index, and "no key seen yet" is the branch ``l == 0``.
@@ -37,9 +38,10 @@ from ..core.blockmask import BlockMask, prepare_mask
 from ..core.errors import InputError
 from ..core.layout import AttnShape
 from ..core.registry import register
+from ._blas import single_threaded_blas
 from .flags import NJIT_HELPER_OPTIONS, NJIT_OPTIONS
 
-TILE_Q = 64       # dense: query rows per task
+TILE_Q = 128      # dense: query rows per task
 TILE_K = 64       # dense: keys per tile
 GROUP_ROWS = 64   # block-sparse: a task holds at least this many query rows (if Sq allows)
 
@@ -118,7 +120,7 @@ def out_buffers(out: tuple[np.ndarray, ...] | None, shapes: tuple[tuple[int, ...
     if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
         raise InputError(f"out: expected a tuple of {len(shapes)} arrays {names}")
     targets, user = [], []
-    for a, s, name in zip(out, shapes, names):
+    for a, s, name in zip(out, shapes, names, strict=True):
         if not isinstance(a, np.ndarray) or a.shape != s:
             raise InputError(f"out[{name}]: expected an array of shape {s}, got "
                              f"{getattr(a, 'shape', type(a).__name__)}")
@@ -129,8 +131,9 @@ def out_buffers(out: tuple[np.ndarray, ...] | None, shapes: tuple[tuple[int, ...
 
 
 def finish_out(targets: list[np.ndarray], user: list[np.ndarray | None]) -> tuple[np.ndarray, ...]:
+    """Copy scratch targets into the caller's ``out=`` arrays; return what the op returns."""
     res = []
-    for t, u in zip(targets, user):
+    for t, u in zip(targets, user, strict=True):
         if u is not None and u is not t:
             u[...] = t
         res.append(t if u is None else u)
@@ -207,6 +210,28 @@ def load_rows(src: np.ndarray, rows: np.ndarray, n: int, buf: np.ndarray) -> np.
 
 
 @njit(**NJIT_HELPER_OPTIONS)
+def exp_f32(x: float) -> float:
+    """``exp(x)`` in float32 for finite ``x`` (Cephes ``expf``: Cody-Waite reduction by
+    ``ln 2``, degree-5 polynomial, exponent by bit arithmetic). About 2 ulp here, and it
+    vectorizes, unlike the scalar libm call (7x faster on this machine). ``x`` is clamped
+    to ``[-87, 88]``: below, ~1e-38 instead of a subnormal or 0 (only ever added to sums of
+    order 1); the kernels' arguments are ``<= 0`` up to rounding."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    z = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - z * np.float32(0.693359375)
+    r = r - z * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    bits = (np.int32(z) + np.int32(127)) << np.int32(23)
+    return p * np.int32(bits).view(np.float32)
+
+
+@njit(**NJIT_HELPER_OPTIONS)
 def visible_keys(i: int, k0: int, kn: int, causal: bool, off: int) -> int:
     """How many keys of the block ``[k0, k0+kn)`` query ``i`` sees (a prefix of the block)."""
     if causal:
@@ -233,10 +258,10 @@ def _softmax_update(s: np.ndarray, p: np.ndarray, n: int, kn: int, rows: np.ndar
             alpha = np.float32(0.0)
         else:
             mnew = max(m[t], mx)
-            alpha = np.float32(np.exp(m[t] - mnew))
+            alpha = exp_f32(m[t] - mnew)
         tot = np.float32(0.0)
         for j in range(lim):
-            e = np.float32(np.exp(np.float32(s[r, j] * scale) - mnew))
+            e = exp_f32(np.float32(s[r, j] * scale) - mnew)
             p[r, j] = e
             tot += e
         for j in range(lim, kn):
@@ -333,8 +358,9 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = N
     sh = pb.shape
     targets, user = out_buffers(out, ((sh.batch, sh.q_heads, sh.q_len, sh.v_dim),
                                       (sh.batch, sh.q_heads, sh.q_len)), ("out", "lse"))
-    _fwd_kernel(pb.q, pb.k, pb.v, pb.kv_num, pb.kv_idx, pb.dense, pb.causal, np.float32(pb.scale),
-                pb.block_q, pb.block_k, pb.group, targets[0], targets[1])
+    with single_threaded_blas():
+        _fwd_kernel(pb.q, pb.k, pb.v, pb.kv_num, pb.kv_idx, pb.dense, pb.causal,
+                    np.float32(pb.scale), pb.block_q, pb.block_k, pb.group, targets[0], targets[1])
     o, l = finish_out(targets, user)
     return o, l
 
