@@ -29,11 +29,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.blockmask import BlockMask
 from ..core.errors import InputError
 from ..core.keepset import KeepSet
 from ..core.layout import default_scale, normalize_qkv
 from ..core.registry import define_op, dispatch
-from ..methods.base import check_range
+from ..core.scores import BlockScores, Selection
+from ..methods.base import check_range, register_method
 from ..reference.selection import rank_order
 
 PAPER = "Liang et al., FOCUS: DLLMs Know How to Tame Their Compute Bound, ICML 2026, arXiv 2601.23278"
@@ -190,3 +192,47 @@ def running_avg_decoded(decoded_per_step: Sequence[int]) -> float:
     history (``get_focus_info``)."""
     c = [int(x) for x in decoded_per_step if int(x) >= 1]
     return float(np.mean(c)) if c else 1.0
+
+
+@dataclass(frozen=True)
+class FocusSelectParams(FocusParams):
+    """:class:`FocusParams` plus the step's context: ``positions`` (block-local positions of
+    the scored tokens, default ``0..L-1``), ``avg_dec`` (decoded tokens per step so far,
+    :func:`running_avg_decoded`) and ``progress`` (the official step counter, -1 = none)."""
+
+    positions: tuple[int, ...] | None = None
+    avg_dec: float = 1.0
+    progress: int = -1
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("avg_dec", self.avg_dec, 0)
+
+
+@register_method("focus", FocusSelectParams, kind="importance",
+                 summary="dLLM decodable-token importance (layer-1 minus layer-0 attention "
+                         "received) and the FOCUS keep rule",
+                 paper=PAPER, code=CODE)
+def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: FocusSelectParams, *,
+           causal: bool = False, backend: str = "numpy") -> Selection:
+    """FOCUS through :func:`refattn.select`: the batch axis holds the two layers FOCUS
+    compares, q ``[2, H, L, D]`` and k ``[2, Hk, L, D]`` (index 0 = layer 0, 1 = layer 1 of
+    the same ``L`` scored tokens). Returns a :class:`Selection` whose ``mask`` marks the kept
+    tokens (``BlockMask`` ``[1, 1, 1, L]``, ``block_q = L``, ``block_k = 1``) and whose
+    ``extras`` hold ``I0``, ``I1``, ``delta``, ``keep``, ``K``, ``kept_positions`` and
+    ``keepset``; ``scores`` are ``delta`` with ``boundary`` the rule's lowest kept score."""
+    if causal:
+        raise InputError("causal: FOCUS scores a bidirectional dLLM block; use causal=False")
+    if q.shape[0] != 2 or k.shape[0] != 2:
+        raise InputError(f"q, k: focus needs the two layers on the batch axis ([2, H, L, D]), "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    L = q.shape[2]
+    pos = np.arange(L) if params.positions is None else np.asarray(params.positions, np.int64)
+    base = FocusParams(alpha=params.alpha, round_bf16=params.round_bf16, block_len=params.block_len)
+    res = focus_step(q[0], k[0], q[1], k[1], pos, avg_dec=params.avg_dec,
+                     progress=params.progress, params=base, backend=backend)
+    geo = dict(block_q=L, block_k=1, q_len=L, k_len=L)
+    keep = np.asarray(res["keep"], bool).reshape(1, 1, 1, L)
+    return Selection(mask=BlockMask(keep, **geo),
+                     scores=BlockScores(np.asarray(res["delta"]).reshape(1, 1, 1, L), **geo),
+                     boundary=np.full((1, 1, 1), res["boundary"]), extras=res)

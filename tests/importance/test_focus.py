@@ -120,3 +120,22 @@ def test_step_input_errors_and_empty():
     e = np.zeros((2, 0, 8))
     r = fc.focus_step(e, e, e, e, np.zeros(0, np.int64))
     assert r["K"] == 0 and r["keep"].size == 0 and r["keepset"].counts[0, 0] == 0
+
+
+def test_registered_method_matches_focus_step():
+    import refattn
+    from refattn.importance.focus import focus_step
+
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 20, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 20, 16)).astype(np.float32)
+    pos = tuple(range(3, 23))
+    sel = refattn.select(q, k, "focus", causal=False, avg_dec=2.0, positions=pos)
+    ref = focus_step(q[0], k[0], q[1], k[1], np.array(pos), avg_dec=2.0)
+    np.testing.assert_array_equal(sel.mask.mask[0, 0, 0], ref["keep"])
+    np.testing.assert_array_equal(sel.extras["kept_positions"], ref["kept_positions"])
+    assert "focus" in refattn.methods(kind="importance")
+    with pytest.raises(refattn.InputError, match="two layers"):
+        refattn.select(q[:1], k[:1], "focus", causal=False)
+    with pytest.raises(refattn.InputError, match="causal"):
+        refattn.select(q, k, "focus", causal=True)
