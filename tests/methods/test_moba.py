@@ -12,25 +12,9 @@ import refattn
 from refattn.core.errors import InputError
 from refattn.data.synthetic import synthetic
 from refattn.methods.moba import moba_gate, pooled_keys
-from refattn.testing import op_cases, register_cases
+from refattn.testing import op_cases
 
-
-def _moba_score_cases(rng: np.random.Generator):
-    """Inputs for kernels of op ``moba_score`` (the registry-driven kernel tests)."""
-    for label, (B, Hq, Hkv, Sq, Sk, D, blk), dt in [
-            ("gqa_partial", (1, 4, 2, 113, 203, 64, 32), "float32"),
-            ("sq_gt_sk", (1, 2, 1, 70, 50, 32, 16), "float32"),
-            ("one_block", (2, 2, 2, 17, 17, 16, 64), "float32"),
-            ("bf16", (1, 2, 1, 130, 257, 64, 64), "bfloat16")]:
-        q, k, _ = synthetic(B, Hq, Hkv, max(Sq, Sk), D, q_len=Sq, seed=int(rng.integers(1 << 16)))
-        k = np.ascontiguousarray(k[:, :, :Sk])
-        if dt == "bfloat16":
-            import ml_dtypes
-            q, k = q.astype(ml_dtypes.bfloat16), k.astype(ml_dtypes.bfloat16)
-        yield {"label": label, "args": (q, k, blk), "dtype": dt}
-
-
-register_cases("moba_score", _moba_score_cases)
+# The kernel cases of this op live in refattn/cases/llm_scoring.py.
 
 
 def brute_moba(q: np.ndarray, k: np.ndarray, block: int, topk: int, tie: str = "low") -> np.ndarray:

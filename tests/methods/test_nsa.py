@@ -11,21 +11,9 @@ import refattn
 from refattn.core.errors import InputError
 from refattn.data.synthetic import synthetic
 from refattn.methods.nsa import overlap_weights, spread_to_blocks
-from refattn.testing import op_cases, register_cases
+from refattn.testing import op_cases
 
-
-def _nsa_score_cases(rng: np.random.Generator):
-    """Inputs for kernels of op ``nsa_score``: (q, k, l, d, l', causal)."""
-    for label, (B, Hq, Hkv, Sq, Sk, D), geo, causal in [
-            ("default_gqa", (1, 4, 2, 300, 300, 64), (32, 16, 64), True),
-            ("decode_rows", (1, 2, 1, 5, 517, 32), (32, 16, 64), True),
-            ("short", (1, 2, 2, 20, 20, 16), (32, 16, 64), True),
-            ("non_causal_small", (2, 2, 1, 90, 90, 16), (8, 4, 12), False)]:
-        q, k, _ = synthetic(B, Hq, Hkv, Sk, D, q_len=Sq, seed=int(rng.integers(1 << 16)))
-        yield {"label": label, "args": (q, k) + geo + (causal,), "dtype": "float32"}
-
-
-register_cases("nsa_score", _nsa_score_cases)
+# The kernel cases of this op live in refattn/cases/llm_scoring.py.
 
 
 def test_op_cases_run_on_the_reference():

@@ -12,21 +12,9 @@ import refattn
 from refattn.core.errors import InputError
 from refattn.data.synthetic import synthetic
 from refattn.methods.quest import quest_bound
-from refattn.testing import op_cases, register_cases
+from refattn.testing import op_cases
 
-
-def _quest_score_cases(rng: np.random.Generator):
-    """Inputs for kernels of op ``quest_score``: (q, k, page_size, causal)."""
-    for label, (B, Hq, Hkv, Sq, Sk, D), page, causal in [
-            ("decode_one", (1, 4, 2, 1, 1000, 64), 16, True),
-            ("decode_rows_partial", (2, 2, 1, 4, 1003, 32), 16, True),
-            ("prefill_small", (1, 2, 2, 40, 40, 16), 8, True),
-            ("non_causal", (1, 2, 1, 3, 77, 16), 32, False)]:
-        q, k, _ = synthetic(B, Hq, Hkv, Sk, D, q_len=Sq, seed=int(rng.integers(1 << 16)))
-        yield {"label": label, "args": (q, k, page, causal), "dtype": "float32"}
-
-
-register_cases("quest_score", _quest_score_cases)
+# The kernel cases of this op live in refattn/cases/llm_scoring.py.
 
 
 def test_op_cases_run_on_the_reference():

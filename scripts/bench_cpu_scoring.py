@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""CPU benchmark of the Numba scoring kernels (``refattn/kernels/numba_scoring_*.py``).
+
+For each LLM-prefill scoring op, at the method's default block geometry, on B = 1,
+``--heads`` query and kv heads, S = ``--seq``, D = 128, float32 structured inputs
+(refattn.data.synthetic), one run measures:
+
+* the Numba kernel (median of ``--repeat`` interleaved calls, after a warm-up call);
+* its NumPy float64 reference (median of ``--ref-repeat`` calls);
+* the Numba dense causal attention forward (``dispatch("attention_fwd", "numba")``) on the
+  same q/k/v, interleaved with the kernels, so ratios compare work under the same load;
+* the first-call time of every kernel in a fresh process with an empty Numba cache
+  (compilation + one call on a tiny input), reported separately.
+
+Targets (issue "Numba CPU kernels"): kernel >= 10x faster than its reference, and kernel
+<= 10% of the Numba dense forward.
+
+Usage::
+
+    python scripts/bench_cpu_scoring.py            # S = 8192, 8 heads (a few minutes)
+    python scripts/bench_cpu_scoring.py --quick    # S = 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from refattn.core import registry  # noqa: E402
+from refattn.data.synthetic import synthetic  # noqa: E402
+from refattn.methods import load_all  # noqa: E402
+
+
+def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
+    """Each op's positional arguments at its method's default geometry."""
+    from refattn.methods.xattention import default_chunk_size
+
+    D, S, Hq, Hkv = q.shape[3], k.shape[2], q.shape[1], k.shape[1]
+    return {
+        "moba_score": (q, k, 512),
+        "xattention_score": (q, k, 128, 8, default_chunk_size(S), 1.0, True),
+        "prism_score": (q, k, 128, 64, 96, True, 1.0, 1.0),
+        "bsfa_score": (q, k, 128, 64, 1.0 / np.sqrt(D)),
+        "minference_score": (q, k, 64, None),
+        "flexprefill_score": (q, k, 128, None),
+        "quest_score": (q, k, 16, True),
+        "nsa_score": (q, k, 32, 16, 64, True),
+        "proxyattn_score": (q, k, 128, Hq // Hkv, 1, True),
+        "proxyattn_budget_score": (q, k, 128, True),
+    }
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compile_times() -> dict[str, float]:
+    """First call of every kernel on a tiny input, in a fresh process with an empty cache."""
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {ROOT!r})
+from refattn.methods import load_all
+load_all()
+from refattn.core import registry
+from refattn.data.synthetic import synthetic
+sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})
+from bench_cpu_scoring import op_args
+q, k, _ = synthetic(1, 2, 2, 256, 128, seed=0)
+t0 = time.perf_counter()
+registry.load_backend("numba")
+res = {{"import": time.perf_counter() - t0}}
+for name, args in op_args(q, k).items():
+    fn = registry.implementations(name)["numba"]
+    t0 = time.perf_counter()
+    fn(*args)
+    res[name] = time.perf_counter() - t0
+print(json.dumps(res))
+"""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ref-repeat", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="S = 2048")
+    ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile-time run")
+    a = ap.parse_args()
+    S = 2048 if a.quick else a.seq
+    H, D = a.heads, 128
+    load_all()
+    registry.load_backend("numba")
+    import numba
+
+    print(f"# {platform.processor() or platform.machine()}, nproc {os.cpu_count()}, "
+          f"numba threads {numba.get_num_threads()}, numpy {np.__version__}, numba "
+          f"{numba.__version__}; B=1 H={H} S={S} D={D} float32; repeat {a.repeat} "
+          f"(ref {a.ref_repeat}); medians")
+    q, k, v = synthetic(1, H, H, S, D, seed=0)
+    args = op_args(q, k)
+    names = [n for n in args if not a.ops or n in a.ops.split(",")]
+    kern = {n: registry.implementations(n)["numba"] for n in names}
+    dense = registry.dispatch("attention_fwd", "numba")
+    scale = 1.0 / np.sqrt(D)
+    run_dense = lambda: dense(q, k, v, None, True, scale)  # noqa: E731
+    # warm-up (compilation from the on-disk cache or fresh)
+    run_dense()
+    for n in names:
+        kern[n](*args[n])
+    times: dict[str, list[float]] = {n: [] for n in names + ["dense"]}
+    for _ in range(a.repeat):                  # interleaved: every case sees the same load
+        times["dense"].append(timed(run_dense))
+        for n in names:
+            times[n].append(timed(lambda n=n: kern[n](*args[n])))
+    ref_t = {}
+    for n in names:
+        op = registry.ops()[n]
+        ref_t[n] = float(np.median([timed(lambda op=op, n=n: op.reference(*args[n]))
+                                    for _ in range(a.ref_repeat)]))
+    comp = {} if a.no_compile else compile_times()
+    td = float(np.median(times["dense"]))
+    print(f"\nNumba dense causal forward: {td:.3f} s (median of {a.repeat})\n")
+    print("| op | Numba (s) | reference (s) | speed-up vs reference | % of dense fwd | "
+          "first call, fresh cache (s) |")
+    print("|---|---|---|---|---|---|")
+    for n in names:
+        t = float(np.median(times[n]))
+        c = f"{comp[n]:.1f}" if n in comp else "-"
+        print(f"| {n} | {t:.4f} | {ref_t[n]:.3f} | {ref_t[n] / t:.1f}x | "
+              f"{100 * t / td:.1f}% | {c} |")
+    if comp:
+        print(f"\n(backend import in the fresh process: {comp['import']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
