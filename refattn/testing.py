@@ -302,6 +302,22 @@ def op_baseline(name: str, args: tuple, dtype: str) -> tuple[np.ndarray, ...] | 
     return None
 
 
+def op_error_floor(name: str, args: tuple, dtype: str, ref: np.ndarray) -> float:
+    """A floor under the baseline error of the tolerance rule for float32 kernels of the
+    attention ops: ``sqrt(K) * eps32 * max|ref|``, the expected rounding error of a float32
+    sum of ``K`` terms in any order (``K`` = keys for the forward and dq, query rows of a
+    GQA group for dk/dv). The NumPy float32 baseline sums with BLAS/pairwise precision,
+    which a kernel summing in another legitimate order (atomics, tiles) need not match.
+    0 for other ops and dtypes (bf16/fp16 baselines are dominated by rounding P)."""
+    if dtype != "float32" or name not in ("attention_fwd", "attention_bwd"):
+        return 0.0
+    q, k = args[0], args[1]
+    K = max(k.shape[2], q.shape[2] * (q.shape[1] // k.shape[1]))
+    r = np.asarray(ref, np.float64)
+    fin = np.isfinite(r)
+    return float(np.sqrt(K) * np.finfo(np.float32).eps * (np.abs(r[fin]).max() if fin.any() else 0.0))
+
+
 _CASES = {"attention_fwd": _cases_attention_fwd, "attention_bwd": _cases_attention_bwd}
 
 
