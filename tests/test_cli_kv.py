@@ -41,3 +41,15 @@ def test_kv_command_bad_input_exits_2(tmp_path):
     out = tmp_path / "never.npz"
     r = CliRunner().invoke(cli, ["kv", "nope", str(tmp_path / "pre.npz"), "--budget", "8", "-o", str(out)])
     assert r.exit_code == 2 and not out.exists()
+
+
+def test_kv_decode_last_runs_the_simulator_on_the_shipped_sample():
+    r = CliRunner().invoke(cli, ["kv", "streamingllm", "@sample", "--budget", "256",
+                                 "--decode-last", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [row["position"] for row in res["rows"]] == [2044, 2045, 2046, 2047]
+    assert all(0 < row["mass_recall"] <= 1 for row in res["rows"])
+    r = CliRunner().invoke(cli, ["kv", "streamingllm", "@sample", "--budget", "256",
+                                 "--decode-last", "0"])
+    assert r.exit_code == 2
