@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..core.errors import InputError
-from .flags import NJIT_HELPER_OPTIONS, NJIT_OPTIONS
+from ._fmath import exp_f32  # noqa: F401  (shared float32 exp, re-exported)
+from .flags import NJIT_OPTIONS
 
 
 def f32(x: Any, name: str) -> np.ndarray:
@@ -65,26 +66,6 @@ def round_like(x: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- device side
-@njit(**NJIT_HELPER_OPTIONS)
-def exp_f32(x: float) -> float:
-    """``exp(x)`` in float32 for ``x <= 88`` (Cephes ``expf``, ~2 ulp; vectorizes, unlike
-    libm). Arguments below -87 give ~1e-38, only ever added to sums of order 1. Same
-    polynomial as ``numba_attention.exp_f32`` (kernels may not import each other)."""
-    x = max(x, np.float32(-87.0))
-    z = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - z * np.float32(0.693359375)
-    r = r - z * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * (r * r) + r + np.float32(1.0)
-    bits = (np.int32(z) + np.int32(127)) << np.int32(23)
-    return p * np.int32(bits).view(np.float32)
-
-
 @njit(**NJIT_OPTIONS)
 def block_sums(x: np.ndarray, block: int) -> np.ndarray:
     """float64 ``[B, H, ceil(S/block), D]``: sums of consecutive ``block`` rows of
