@@ -30,6 +30,7 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
+from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..core.video_grid import VideoGrid
 from ..methods.base import check_choice, check_range, register_method
@@ -82,19 +83,20 @@ def _in_dtype(x: np.ndarray, like: np.ndarray) -> np.ndarray:
     return x if like.dtype == np.float64 else x.astype(like.dtype).astype(np.float64)
 
 
-def block_scores(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, block_size: int,
-                 use_bias: bool = False, scale: float | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """PISA block scores float64 ``[B, Hq, Qb, Kb]`` and the bias norms ``||Hc_j||_F``
-    (``[B, Hkv, Kb]``, or None without ``use_bias``). q ``[B, Hq, Sq, D]``, k/v
-    ``[B, Hkv, Sk, D|Dv]``; GQA: query head ``h`` reads kv head ``h // (Hq/Hkv)``."""
-    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
+def pisa_block_scores(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, block_size: int,
+                      use_bias: bool = False, scale: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Op ``pisa_block_scores``: PISA block scores float64 ``[B, Hq, Qb, Kb]`` and the bias
+    norms ``||Hc_j||_F`` float64 ``[B, Hkv, Kb]`` (``[B, Hkv, 0]`` without ``use_bias``).
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Sk, D|Dv]``; GQA: query head ``h`` reads kv head
+    ``h // (Hq/Hkv)``. :func:`block_scores` is the public form (``None`` norms)."""
+    B, Hq, Hkv, D = q.shape[0], q.shape[1], k.shape[1], q.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
     qbar = _in_dtype(block_means(q, block_size), q)                  # [B, Hq, Qb, D]
     kbar = _in_dtype(block_means(k, block_size), k)                  # [B, Hkv, Kb, D]
     kbar = np.repeat(kbar, Hq // Hkv, axis=1)
     sc = qbar @ (scale * kbar).swapaxes(-1, -2)
-    norms = None
+    norms = np.zeros((B, Hkv, 0))
     if use_bias:
         if v is None:
             raise InputError("v: PISA with use_bias=True needs v (the bias uses K^T V moments)")
@@ -104,6 +106,24 @@ def block_scores(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, block_size:
         z = np.exp(z - z.max(axis=-1, keepdims=True))
         sc = z / z.sum(axis=-1, keepdims=True)
     return sc, norms
+
+
+PISA_SCORES = define_op("pisa_block_scores", pisa_block_scores, outputs=("scores", "bias_norm"),
+                        kind="array")
+
+
+def block_scores(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, block_size: int,
+                 use_bias: bool = False, scale: float | None = None, *, backend: str = "numpy"
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """PISA block scores float64 ``[B, Hq, Qb, Kb]`` and the bias norms ``||Hc_j||_F``
+    (``[B, Hkv, Kb]``, or None without ``use_bias``). q ``[B, Hq, Sq, D]``, k/v
+    ``[B, Hkv, Sk, D|Dv]``; GQA: query head ``h`` reads kv head ``h // (Hq/Hkv)``. Runs op
+    ``pisa_block_scores`` on ``backend``."""
+    if use_bias and v is None:
+        raise InputError("v: PISA with use_bias=True needs v (the bias uses K^T V moments)")
+    sc, norms = dispatch(PISA_SCORES.name, backend, (q, k))(q, k, v, block_size, bool(use_bias), scale)
+    return (np.asarray(sc, np.float64),
+            np.asarray(norms, np.float64) if use_bias else None)
 
 
 @register_method("pisa", PisaParams, kind="video",
@@ -128,7 +148,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PisaParam
     Sq, Sk = q.shape[2], k.shape[2]
     if p.grid is not None:
         VideoGrid.from_params(p.grid, p.text_tokens, p.text_position).check_seq_len(Sk, "k_len")
-    sc, norms = block_scores(q, k, v, bs, bool(p.use_bias))
+    sc, norms = block_scores(q, k, v, bs, bool(p.use_bias), backend=backend)
     kb = num_blocks(Sk, bs)
     n = max(1, int(float(p.density) * kb))
     mask, boundary = topk_per_row(sc, n, tie="low")
@@ -148,4 +168,5 @@ def attention(q: Any, k: Any, v: Any, selection: Selection, *, correction: str |
                                layout=layout, return_lse=return_lse, backend=backend)
 
 
-__all__ = ["PisaParams", "select", "attention", "block_scores", "piecewise_attention"]
+__all__ = ["PisaParams", "select", "attention", "block_scores", "pisa_block_scores",
+           "piecewise_attention"]

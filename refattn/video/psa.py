@@ -18,12 +18,13 @@ Pipeline (``select``):
    row offsets in every query block and ``mk`` column offsets in every key block
    (``offsets_q``/``offsets_k``, an input; by default drawn from ``seed``),
    ``x_rc = s q_r.k_c``, ``P[i, j] = max_{r in i} exp(max_{c in j} x_rc - max_c x_rc)``,
-   rows normalised;
+   rows normalised (op ``psa_sampled_importance``, run on ``select``'s ``backend``);
 3. levels per row (:func:`transfer_levels`): rank ``P[i, :]`` descending and cut the ranks
    into chained intervals of levels ``1, 2, 4, 8, 0`` by the ratios' ends (``topk``: fixed
    quota; ``thresholdbound``: cumulative energy), with the alignment rounding and the 6%
    floor of level 1; text key blocks forced to level 1 (``mask_type="old"``);
-4. optional key-similarity cap (:func:`key_similarity_cap`, ``mask_type="old"`` only);
+4. optional key-similarity cap (:func:`key_similarity_cap`, ``mask_type="old"`` only; the
+   similarities are op ``psa_key_similarity``);
 5. pyramid attention (:func:`refattn.reference.pyramid.pyramid_attention`, op
    ``pyramid_attention_fwd``) on the reordered sequence, output un-reordered: :func:`attention`.
 """
@@ -38,6 +39,7 @@ import numpy as np
 from ..core.blockmask import BlockMask
 from ..core.errors import InputError
 from ..core.permutation import apply_permutation
+from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..core.video_grid import VideoGrid
 from ..methods.base import check_choice, check_range, register_method
@@ -203,6 +205,9 @@ def sampled_importance(q: np.ndarray, k: np.ndarray, block_q: int, block_k: int,
     return P
 
 
+PSA_IMPORTANCE = define_op("psa_sampled_importance", sampled_importance, outputs=("P",), kind="array")
+
+
 def key_similarity(k: np.ndarray, block_k: int) -> np.ndarray:
     """``calc_k_similarity_pytorch``'s statistics: float64 ``[3, ..., floor(L/block_k)]``,
     the mean cosine similarity of token pairs ``(2t, 2t+1)``, ``(4t, 4t+3)``, ``(8t, 8t+7)``
@@ -218,10 +223,15 @@ def key_similarity(k: np.ndarray, block_k: int) -> np.ndarray:
     return np.stack(out)
 
 
-def key_similarity_cap(k: np.ndarray, block_k: int, thresholds: tuple[float, float, float]) -> np.ndarray:
+PSA_KSIM = define_op("psa_key_similarity", key_similarity, outputs=("sim",), kind="array")
+
+
+def key_similarity_cap(k: np.ndarray, block_k: int, thresholds: tuple[float, float, float], *,
+                       backend: str = "numpy") -> np.ndarray:
     """Cap level per key block, int64 ``[..., floor(L/block_k)]``:
-    ``max(1, 2[sim2 > t2], 4[sim4 > t4], 8[sim8 > t8])``."""
-    s = key_similarity(k, block_k)
+    ``max(1, 2[sim2 > t2], 4[sim4 > t4], 8[sim8 > t8])``; the similarities by op
+    ``psa_key_similarity`` on ``backend``."""
+    s = np.asarray(dispatch(PSA_KSIM.name, backend, (k,))(k, block_k), np.float64)
     caps = [lvl * (s[i] > float(t)) for i, (lvl, t) in enumerate(zip((2, 4, 8), thresholds, strict=True))]
     return np.maximum.reduce([np.ones_like(caps[0])] + caps).astype(np.int64)
 
@@ -371,7 +381,8 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PsaParams
     rng = np.random.default_rng(int(p.seed))
     offq = _offsets(p.offsets_q, B, Hq, bq, int(p.sample_q or max(1, bq // 4)), rng, "offsets_q")
     offk = _offsets(p.offsets_k, B, Hq, bk, int(p.sample_k or max(1, bk // 4)), rng, "offsets_k")
-    P = sampled_importance(q, k, bq, bk, offq, offk, p.score_dtype)
+    P = np.asarray(dispatch(PSA_IMPORTANCE.name, backend, (q, k))(q, k, bq, bk, offq, offk,
+                                                                     p.score_dtype), np.float64)
     kw = dict(block_k=bk, tile_n=int(p.tile_n), min_full_attn_ratio=float(p.min_full_attn_ratio),
               dtype=p.score_dtype)
     old = p.mask_type == "old"
@@ -379,7 +390,8 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PsaParams
     cap = None
     if p.use_sim_mask:
         G = Hq // k.shape[1]
-        cap = key_similarity_cap(_replicate_pad(k, bk), bk, tuple(p.sim_thresholds))   # [B, Hkv, Kb]
+        cap = key_similarity_cap(_replicate_pad(k, bk), bk, tuple(p.sim_thresholds),
+                                 backend=backend)                                 # [B, Hkv, Kb]
         levels = np.minimum(np.repeat(cap, G, axis=1)[:, :, None, :], levels).astype(np.int32)
     forced = np.zeros(levels.shape, bool)
     if old and p.text_tokens:
