@@ -22,8 +22,7 @@ from .api import attention, select
 from .core.blockmask import BlockMask
 from .core.errors import InputError
 from .core.layout import LAYOUTS, default_scale, normalize_qkv
-from .data.video import synthetic_video
-from .evaluation import baseline_masks, evaluate_methods
+from .evaluation import evaluate_methods
 from .io import (
     MASK_GEOMETRY,
     SEQ_ARRAYS,
@@ -36,11 +35,8 @@ from .io import (
     save,
     save_selection,
 )
-from .reference.selection import force_local, force_sink
 
 SAMPLE_ALIAS = "@sample"
-DEMO_BUDGET_S = 40.0  # the demo skips remaining methods after this much time
-DEMO_VIDEO_GRID = (6, 16, 16)  # divisible by every video method's official tiles
 
 
 class BadInput(click.ClickException):
@@ -494,66 +490,17 @@ def eval_cmd(file: str, names: str, params: tuple[str, ...], causal: bool | None
         _print_rows(rows, skipped)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-def demo(as_json: bool) -> None:
-    """Sparse attention on the real sample shipped with refattn (Qwen2.5-Coder-0.5B, layer
-    12): simple masks and every llm-prefill method at its defaults, against dense."""
-    from .data import sample
-    from .methods import list_methods
-
-    s = sample()
-    meta = s.meta
-    q, k, v, causal, scale = _inputs({"q": s.q, "k": s.k, "v": s.v, "meta": meta}, None, True)
-    S, bs = q.shape[2], 64
-    full = BlockMask.full(1, 1, q_len=S, k_len=k.shape[2], block_q=bs, block_k=bs, causal=causal)
-    local = force_local(force_sink(np.zeros(full.shape, bool), 1), S, k.shape[2], bs, bs, width=3)
-    sink_local = full.like(local & full.mask)
-    extra = {"dense-causal": full, "sink+local(1+3 blocks)": sink_local,
-             "random@sink+local": baseline_masks(sink_local, q.shape[1], 1, causal, seed=0)["random"]}
-    names = list(list_methods("llm-prefill"))
-    rows, skipped = evaluate_methods(q, k, v, names, {}, causal, scale, per_head=False, seed=0,
-                                      baselines=False, budget_s=DEMO_BUDGET_S,
-                                      catch=(Exception,), extra=extra, wrap=_warn)
-    info_ = {"model": meta.get("model"), "licence": meta.get("model_licence"),
-             "layer": meta.get("layer"), "q_heads_of_model": meta["q_head_index"].tolist(),
-             "text": meta.get("text_source"), "q": list(q.shape), "k": list(k.shape),
-             "causal": causal, "softmax_scale": scale}
-    vgrid = DEMO_VIDEO_GRID
-    vq, vk, vv = synthetic_video(vgrid, heads=3, head_dim=64, seed=0)
-    vnames = list(list_methods("video"))
-    vrows, vskipped = evaluate_methods(vq, vk, vv, vnames, {n: {"grid": vgrid} for n in vnames},
-                                       False, 0.125, per_head=False, seed=0, baselines=True,
-                                       budget_s=DEMO_BUDGET_S, catch=(Exception,), wrap=_warn)
-    vrows = [r for r in vrows if not r["method"].startswith("causal-window@")]
-    if as_json:
-        _echo_json({"sample": info_, "results": rows, "skipped": skipped,
-                    "video": {"grid": list(vgrid), "results": vrows, "skipped": vskipped}})
-        return
-    click.echo(f"refattn {__version__} demo: real attention inputs shipped with the package")
-    click.echo(f"  model  {info_['model']}, layer {info_['layer']}, query heads "
-               f"{info_['q_heads_of_model']} and their kv head")
-    click.echo(f"  licence {info_['licence']}")
-    click.echo(f"  text   {info_['text']}")
-    click.echo(f"  q {_shape(q)}  k/v {_shape(k)} (bhsd), causal, scale {scale:g}")
-    click.echo("  recall = share of the exact softmax mass kept; rel.err = ||O - O_dense|| / "
-               "||O_dense||; random@X = random blocks with X's per-row budget\n")
-    _print_rows(rows, skipped, by_head=True)
-    click.echo(f"\nvideo example: synthetic q/k/v on a {vgrid[0]}x{vgrid[1]}x{vgrid[2]} token grid "
-               "(refattn.data.video.synthetic_video: spatial, temporal and 3-D local heads), "
-               "non-causal; every video method at its defaults, random@X = random blocks with "
-               "X's budget\n")
-    _print_rows(vrows, vskipped)
-
-
 def _add_subcommands() -> None:
     import sys
 
+    from .cli_demo import add_demo_command
     from .cli_importance import add_importance_command
     from .cli_kv import add_kv_command
 
-    add_kv_command(cli, sys.modules[__name__])
-    add_importance_command(cli, sys.modules[__name__])
+    here = sys.modules[__name__]
+    add_demo_command(cli, here)
+    add_kv_command(cli, here)
+    add_importance_command(cli, here)
 
 
 _add_subcommands()

@@ -130,7 +130,9 @@ def test_baseline_masks_match_budget():
     rng = np.random.default_rng(0)
     legal = legal_blocks(100, 100, 10, 10, True)
     m = BlockMask(rng.random((1, 2, 10, 10)) < 0.4, block_q=10, block_k=10, q_len=100, k_len=100)
-    base = cli.baseline_masks(m, 2, 1, causal=True, seed=1)
+    from refattn.evaluation import baseline_masks
+
+    base = baseline_masks(m, 2, 1, causal=True, seed=1)
     want = (m.mask & legal).sum(-1)
     for name, b in base.items():
         assert np.array_equal((b.mask & legal).sum(-1), want), name
@@ -159,7 +161,9 @@ def test_eval_json(runner, qkv_file):
 
 
 def test_demo(runner, monkeypatch):
-    monkeypatch.setattr(cli, "DEMO_BUDGET_S", 0.0)   # simple masks only: keep the test fast
+    import refattn.cli_demo
+
+    monkeypatch.setattr(refattn.cli_demo, "DEMO_BUDGET_S", 0.0)   # simple masks only: keep the test fast
     r = _run(runner, "demo", "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
