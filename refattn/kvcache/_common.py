@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.keepset import KeepSet
+from ..core.registry import define_op
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
 from ..reference.selection import rank_order
@@ -96,6 +97,12 @@ def topk_keep(scores: np.ndarray, k: int, *, valid: np.ndarray | None = None) ->
 
 
 # ------------------------------------------------------------------- RoPE
+
+
+# The eviction step as a registry op, so its kernels are checked by the registry suite
+# (cases in refattn/cases/kvcache.py; ``valid`` is keyword-only and not part of the cases).
+TOPK_KEEP = define_op("kvcache_topk_keep", topk_keep, outputs=("indices",), kind="exact")
+
 def rope_cos_sin(positions: Any, dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """Rotate-half RoPE tables float64 ``[..., dim]`` for integer ``positions [...]``:
     ``theta_i = base^(-2i/dim)``, ``angle = pos * theta``, ``cos``/``sin`` repeated over the
