@@ -169,3 +169,114 @@ def force_local(mask: np.ndarray, q_len: int, k_len: int, block_q: int, block_k:
 def causal_exclude(mask: np.ndarray, q_len: int, k_len: int, block_q: int, block_k: int) -> np.ndarray:
     """Drop blocks that hold no causally visible (query, key) pair."""
     return np.asarray(mask, bool) & legal_blocks(q_len, k_len, block_q, block_k, True)
+
+
+# ----------------------------------------------------------------- registry ops (2-D canonical)
+# The primitives above broadcast over any leading axes; the ops below fix one canonical
+# signature per rule so that kernels (``refattn/kernels/numba_selection.py``) can be
+# registered against them. Each op only checks shapes and calls the primitive, so the
+# specification stays the code above. Outputs: ``mask`` bool like ``scores`` and
+# ``boundary`` float64 (one per row, or per head for the global rule; ``nan`` where nothing
+# was selected by score).
+
+
+def _rows_of(scores: Any, ndim: int, name: str) -> np.ndarray:
+    s = np.asarray(scores)
+    if s.dtype.kind not in "fiu" and str(s.dtype) != "bfloat16":
+        raise InputError(f"{name}: scores must be a real array, got dtype {s.dtype}")
+    if s.ndim != ndim:
+        axes = "[R, N]" if ndim == 2 else "[H, Qb, Kb]"
+        raise InputError(f"{name}: scores must be {ndim}-d {axes}, got shape {s.shape}")
+    if s.shape[-1] == 0:
+        raise InputError(f"{name}: scores has no candidates (last axis of length 0), shape {s.shape}")
+    return np.asarray(s, dtype=np.float64)
+
+
+def _valid_of(valid: Any, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    if valid is None:
+        return None
+    v = np.asarray(valid)
+    if v.dtype != np.bool_:
+        raise InputError(f"{name}: valid must be a bool array, got dtype {v.dtype}")
+    try:
+        return np.broadcast_to(v, shape)
+    except ValueError:
+        raise InputError(f"{name}: valid of shape {v.shape} does not broadcast to scores "
+                         f"{shape}") from None
+
+
+def _per_row(x: Any, n: int, name: str, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    try:
+        return np.broadcast_to(a, (n,))
+    except ValueError:
+        raise InputError(f"{name}: {what} must be a scalar or have shape ({n},), got shape "
+                         f"{a.shape}") from None
+
+
+def topk_rows(scores: Any, k: Any, valid: Any = None, tie: str = "low"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Op ``selection_topk_rows``: :func:`topk_per_row` on rows.
+
+    ``scores [R, N]`` (any real dtype; NaN is never selected), ``k``: int scalar or int
+    ``[R]`` (``0`` keeps nothing, ``k > N`` keeps every valid entry), ``valid``: bool
+    broadcastable to ``[R, N]`` or ``None``, ``tie``: ``"low"`` | ``"high"``.
+    Returns ``mask`` bool ``[R, N]`` and ``boundary`` float64 ``[R]``.
+    """
+    s = _rows_of(scores, 2, "topk_rows")
+    kk = _per_row(k, s.shape[0], "topk_rows", "k")
+    return topk_per_row(s, kk, valid=_valid_of(valid, s.shape, "topk_rows"), tie=tie)
+
+
+def topk_heads(scores: Any, k: Any, valid: Any = None, tie: str = "low"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Op ``selection_topk_global``: :func:`topk_global` per head.
+
+    ``scores [H, Qb, Kb]``, ``k``: int scalar or int ``[H]`` (one budget per head),
+    ``valid``: bool broadcastable to ``[H, Qb, Kb]`` (e.g. the causal ``[Qb, Kb]``) or
+    ``None``. Ties go by flat index ``row * Kb + col``. Returns ``mask`` bool
+    ``[H, Qb, Kb]`` and ``boundary`` float64 ``[H]``.
+    """
+    s = _rows_of(scores, 3, "topk_heads")
+    kk = _per_row(k, s.shape[0], "topk_heads", "k")
+    return topk_global(s, kk, valid=_valid_of(valid, s.shape, "topk_heads"), tie=tie)
+
+
+def cumulative_rows(scores: Any, tau: Any, valid: Any = None, normalize: bool = True,
+                    tie: str = "low", include_crossing: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Op ``selection_cumulative_threshold``: :func:`cumulative_threshold` on rows.
+
+    ``scores [R, N]`` non-negative masses (NaN entries are never selected), ``tau``:
+    scalar or ``[R]`` (per-head ``tau`` repeated over each head's rows). Returns ``mask``
+    bool ``[R, N]`` and ``boundary`` float64 ``[R]``.
+    """
+    s = _rows_of(scores, 2, "cumulative_rows")
+    t = _per_row(np.asarray(tau, dtype=np.float64), s.shape[0], "cumulative_rows", "tau")
+    return cumulative_threshold(s, t, valid=_valid_of(valid, s.shape, "cumulative_rows"),
+                                normalize=normalize, tie=tie, include_crossing=include_crossing)
+
+
+def fixed_rows(scores: Any, threshold: Any, valid: Any = None, inclusive: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Op ``selection_fixed_threshold``: :func:`fixed_threshold` on rows.
+
+    ``scores [R, N]``, ``threshold``: scalar or ``[R]``. Returns ``mask`` bool ``[R, N]``
+    and ``boundary`` float64 ``[R]`` (the threshold of each row).
+    """
+    s = _rows_of(scores, 2, "fixed_rows")
+    t = _per_row(np.asarray(threshold, dtype=np.float64), s.shape[0], "fixed_rows", "threshold")
+    return fixed_threshold(s, t[:, None], valid=_valid_of(valid, s.shape, "fixed_rows"),
+                           inclusive=inclusive)
+
+
+from ..core.registry import define_op  # noqa: E402  (registrations of the ops above)
+
+TOPK_ROWS_OP = define_op("selection_topk_rows", topk_rows, outputs=("mask", "boundary"),
+                         kind="exact")
+TOPK_GLOBAL_OP = define_op("selection_topk_global", topk_heads, outputs=("mask", "boundary"),
+                           kind="exact")
+CUMULATIVE_OP = define_op("selection_cumulative_threshold", cumulative_rows,
+                          outputs=("mask", "boundary"), kind="exact")
+FIXED_OP = define_op("selection_fixed_threshold", fixed_rows, outputs=("mask", "boundary"),
+                     kind="exact")
