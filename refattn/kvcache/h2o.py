@@ -239,19 +239,28 @@ def single_forward_mask(
     return (mask | (j >= i - recent)) & (j <= i)
 
 
-def h2o_prefill(q: np.ndarray, k: np.ndarray, params: H2OParams, *, backend: str = "numpy"):
+def h2o_prefill(q: np.ndarray, k: np.ndarray, params: H2OParams, *, backend: str = "numpy",
+                scores: np.ndarray | None = None):
     """Run the prefill of ``params.variant``; returns the cache object (real_drop /
-    mask_sim) after the prompt."""
+    mask_sim) after the prompt.
+
+    ``real_drop`` needs only the column sums of the causal softmax (the op ``h2o_score``,
+    a kernel through ``backend``; pass ``scores`` if already computed): no ``[L, L]``
+    matrix is formed. ``mask_sim`` walks the rows of the probabilities as the official
+    simulation does (NumPy reference)."""
     L = q.shape[2]
     if q.shape[2] != k.shape[2]:
         raise InputError(f"q: H2O's prefill needs Sq == Sk, got {q.shape[2]} and {k.shape[2]}")
-    P = attention_probs(q, k, scale=default_scale(q.shape[-1]), causal=True)
     if params.variant == "real_drop":
+        col = dispatch("h2o_score", backend, (q, k))(q, k) if scores is None else scores
+        col = np.asarray(col, np.float64)
         cache = RealDropCache(params.hh_size, params.recent_size)
-        cache.update(P, np.arange(L))
-    else:
-        cache = MaskSimCache(params.heavy_ratio, params.recent_ratio)
-        cache.update(P)
+        cache.positions = np.broadcast_to(np.arange(L, dtype=np.int64), col.shape).copy()
+        cache.scores = col.copy()
+        cache._evict()
+        return cache
+    cache = MaskSimCache(params.heavy_ratio, params.recent_ratio)
+    cache.update(attention_probs(q, k, scale=default_scale(q.shape[-1]), causal=True))
     return cache
 
 
@@ -281,7 +290,7 @@ def select(
         bm = BlockMask(tm.mask, block_q=1, block_k=1, q_len=L, k_len=L)
         return Selection(mask=bm, extras={"keepset": None, "token_mask": tm})
     scores = dispatch("h2o_score", backend, (q, k))(q, k)
-    cache = h2o_prefill(q, k, params, backend=backend)
+    cache = h2o_prefill(q, k, params, backend=backend, scores=scores)
     if params.variant == "real_drop":
         keep = KeepSet(cache.positions, q_len=L, k_len=L)
     else:
