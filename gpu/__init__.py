@@ -34,8 +34,8 @@ if _ndev < 1:
 from refattn.core.registry import register  # noqa: E402
 
 from . import attention as _attention  # noqa: E402
-from ._build import device_cc, tensor_cores_available  # noqa: E402,F401
 from . import scoring as _scoring  # noqa: E402,F401  (registers the LLM scoring ops)
+from ._build import device_cc, tensor_cores_available  # noqa: E402,F401
 
 attention_fwd = register("attention_fwd", "cupy")(_attention.attention_fwd)
 attention_bwd = register("attention_bwd", "cupy")(_attention.attention_bwd)

@@ -8,7 +8,6 @@ import refattn
 from refattn.data import synthetic
 from refattn.video import pisa, psa
 
-
 GRID = (4, 16, 16)
 
 
