@@ -252,6 +252,22 @@ def _softmax_update(s: np.ndarray, p: np.ndarray, n: int, kn: int, rows: np.ndar
                 acc[t, d] *= alpha
 
 
+@njit(**NJIT_HELPER_OPTIONS)
+def tile_task(task: int, ntile: int, Hq: int, group: int, nqb: int, block_q: int, Sq: int,
+              Bm: int, Hm: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """Decode a flattened (batch, head, tile of ``group`` query blocks) task index of the
+    forward and dq kernels: ``b, h``, the mask's broadcast indices ``bm, hm``, the tile's
+    query blocks ``[qb0, qb1)`` and rows ``[r0, r0 + nr)``."""
+    tile = task % ntile
+    h = (task // ntile) % Hq
+    b = task // (ntile * Hq)
+    qb0 = tile * group
+    qb1 = min(qb0 + group, nqb)
+    r0 = qb0 * block_q
+    return (b, h, b if Bm > 1 else 0, h if Hm > 1 else 0, qb0, qb1, r0,
+            min(qb1 * block_q, Sq) - r0)
+
+
 # ------------------------------------------------------------------------------ kernel
 @njit(**NJIT_OPTIONS)
 def _fwd_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_num: np.ndarray,
@@ -267,17 +283,10 @@ def _fwd_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_num: np.ndarray,
     ntile = (nqb + group - 1) // group
     Bm, Hm = kv_num.shape[0], kv_num.shape[1]
     for task in prange(B * Hq * ntile):
-        tile = task % ntile
-        h = (task // ntile) % Hq
-        b = task // (ntile * Hq)
+        b, h, bm, hm, qb0, qb1, r0, nr = tile_task(task, ntile, Hq, group, nqb, block_q, Sq,
+                                                   Bm, Hm)
         g = h // G
-        bm = b if Bm > 1 else 0
-        hm = h if Hm > 1 else 0
-        qb0 = tile * group
-        qb1 = min(qb0 + group, nqb)
         ng = qb1 - qb0
-        r0 = qb0 * block_q
-        nr = min(qb1 * block_q, Sq) - r0
         kbs = np.empty(nkb, np.int64)
         sel = np.empty((nkb, ng), np.bool_)
         nu = task_plan(dense, causal, kv_num, kv_idx, bm, hm, qb0, qb1, nkb, block_q, block_k,

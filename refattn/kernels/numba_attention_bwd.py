@@ -41,6 +41,7 @@ from .numba_attention import (
     prepare,
     rows_for,
     task_plan,
+    tile_task,
     to_f32,
     visible_keys,
 )
@@ -98,17 +99,10 @@ def _dq_kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray, lse:
     ntile = (nqb + group - 1) // group
     Bm, Hm = kv_num.shape[0], kv_num.shape[1]
     for task in prange(B * Hq * ntile):
-        tile = task % ntile
-        h = (task // ntile) % Hq
-        b = task // (ntile * Hq)
+        b, h, bm, hm, qb0, qb1, r0, nr = tile_task(task, ntile, Hq, group, nqb, block_q, Sq,
+                                                   Bm, Hm)
         g = h // G
-        bm = b if Bm > 1 else 0
-        hm = h if Hm > 1 else 0
-        qb0 = tile * group
-        qb1 = min(qb0 + group, nqb)
         ng = qb1 - qb0
-        r0 = qb0 * block_q
-        nr = min(qb1 * block_q, Sq) - r0
         kbs = np.empty(nkb, np.int64)
         sel = np.empty((nkb, ng), np.bool_)
         nu = task_plan(dense, causal, kv_num, kv_idx, bm, hm, qb0, qb1, nkb, block_q, block_k,
