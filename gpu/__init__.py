@@ -12,8 +12,8 @@ Registered ops (same arguments as the reference, ``refattn.reference.attention``
   -> ``(out fp32 [B, Hq, Sq, Dv], lse fp32 [B, Hq, Sq])``;
 * ``attention_bwd``: ``bwd(q, k, v, o, do, lse, mask=None, causal=False, scale=None, *,
   out=None)`` -> ``(dq, dk, dv)`` fp32;
-* scoring ops of the LLM-prefill methods (``gpu/scoring.py``): ``xattention_score``,
-  ``moba_score``, ``quest_score``, ``prism_score``.
+* every other public module of this folder is imported here and registers its ops (the
+  scoring ops of the LLM-prefill methods, the selection primitives, ...).
 
 See ``docs/gpu.md`` for the kernels, their coverage and measured speed.
 """
@@ -33,9 +33,17 @@ if _ndev < 1:
 
 from refattn.core.registry import register  # noqa: E402
 
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
 from . import attention as _attention  # noqa: E402
-from . import scoring as _scoring  # noqa: E402,F401  (registers the LLM scoring ops)
 from ._build import device_cc, tensor_cores_available  # noqa: E402,F401
+
+# Every public module of this folder registers its ops when imported (scoring.py, select.py,
+# ...); private modules (``_build``) are helpers. Kernels themselves compile lazily.
+for _m in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _m.name.startswith("_") and _m.name != "attention":
+        _importlib.import_module(f"{__name__}.{_m.name}")
 
 attention_fwd = register("attention_fwd", "cupy")(_attention.attention_fwd)
 attention_bwd = register("attention_bwd", "cupy")(_attention.attention_bwd)
