@@ -196,8 +196,9 @@ def _index_args(mask: BlockMask, transpose: bool) -> tuple[Any, ...]:
     def build() -> tuple[Any, ...]:
         num, idx = mask.transpose() if transpose else mask.to_indices()
         Bm, Hm, R, W = idx.shape
-        dnum = cp.asarray(np.ascontiguousarray(num, dtype=np.int32))
-        didx = cp.asarray(np.ascontiguousarray(idx, dtype=np.int32))
+        # device masks (BlockMask.on_device) give CuPy index forms: no host round trip
+        dnum = cp.ascontiguousarray(cp.asarray(num), dtype=cp.int32)
+        didx = cp.ascontiguousarray(cp.asarray(idx), dtype=cp.int32)
         return (dnum, didx, np.int64(Hm * R if Bm > 1 else 0), np.int64(R if Hm > 1 else 0),
                 np.int64(Hm * R * W if Bm > 1 else 0), np.int64(R * W if Hm > 1 else 0),
                 np.int32(W))

@@ -56,7 +56,10 @@ def attention(q: Any, k: Any, v: Any, *, mask: Any = None, causal: bool = False,
     m = attention_mask_of(mask)
     if backend == "auto" and m is not None and not isinstance(m, BlockMask):
         backend = "numpy"  # token-level masks (MInference, PBS) run on the reference
-    chosen = resolve_backend("attention_fwd", backend, (q, k, v))
+    dev_mask = (m.mask,) if isinstance(m, BlockMask) and m.on_device else ()
+    chosen = resolve_backend("attention_fwd", backend, (q, k, v) + dev_mask)
+    if dev_mask and chosen != "cupy":
+        m = m.to_host()   # a device mask given to a CPU backend
     q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout, device=(chosen == "cupy"))
     scale = default_scale(shape.head_dim, softmax_scale)
     fn = dispatch("attention_fwd", chosen)
@@ -122,18 +125,43 @@ def select(q: Any, k: Any, method: str, *, v: Any = None, layout: str = "bhsd",
     Shapes as :func:`attention`. ``params`` are the method's parameters (see
     :func:`methods`); unknown names or out-of-range values raise :class:`InputError`.
     The result goes straight into :func:`attention` (``mask=selection``).
+
+    GPU: ``backend="cupy"`` (or ``"auto"`` with GPU inputs) runs the method's kernels on the
+    GPU. Methods with ``device=True`` (:func:`methods`) keep everything there: CuPy inputs
+    give a selection whose mask, scores and boundary are CuPy arrays, which
+    :func:`attention` with ``backend="cupy"`` consumes without a host round trip. Other
+    methods copy q and k to the host for their selection code (their scoring kernels still
+    run on the GPU) and return host arrays.
     """
     from .methods import get_method
 
     info = get_method(method)
     p = info.make_params(**params)
-    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout)
+    on_gpu = _wants_device(backend, (q, k, v))
+    q4, k4, v4, shape = normalize_qkv(q, k, v, layout=layout, device=on_gpu)
+    if on_gpu:
+        backend = "cupy"
+        if not info.device:      # this method's selection code runs on host arrays; its
+            q4, k4 = _host(q4), _host(k4)   # scoring kernels still run on the GPU
+            v4 = None if v4 is None else _host(v4)
     if info.needs_v and v4 is None:
         raise InputError(f"method {method!r} needs v")
     sel = info.select(q4, k4, v4, p, causal=bool(causal), backend=backend)
     sel.method = method
     sel.params = dict(vars(p)) if hasattr(p, "__dict__") else {}
     return sel
+
+
+def _wants_device(backend: str, arrays: tuple[Any, ...]) -> bool:
+    """True for ``backend="cupy"``, and for ``"auto"`` with any GPU input."""
+    if backend == "cupy":
+        return True
+    return backend == "auto" and any(hasattr(a, "__cuda_array_interface__")
+                                     and not isinstance(a, np.ndarray) for a in arrays)
+
+
+def _host(x: Any) -> Any:
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else x
 
 
 def methods(kind: str | None = None) -> dict[str, dict[str, Any]]:

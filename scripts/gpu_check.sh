@@ -25,10 +25,14 @@ python3 -c "import torch; print('torch', torch.__version__)" 2>&1 | tail -1
 
 TEST_RC=skipped
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  echo "== tests (GPU attention + scoring, and every cupy kernel through the registry)"
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rfs --durations=5 \
-    tests/test_gpu_attention.py tests/test_gpu_scoring.py tests/test_registry.py 2>&1 | tee "$LOG/gpu_tests.log"
+  echo "== tests (every tests/test_gpu_*.py, and every cupy kernel through the registry)"
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rfs --durations=8 \
+    tests/test_gpu_*.py 2>&1 | tee "$LOG/gpu_tests.log"
   TEST_RC=${PIPESTATUS[0]}
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rfs --durations=5 \
+    tests/test_registry.py -k cupy 2>&1 | tee "$LOG/gpu_registry.log"
+  REG_RC=${PIPESTATUS[0]}
+  [ "$REG_RC" != 0 ] && TEST_RC=$REG_RC
 fi
 
 BENCH_RC=skipped
@@ -43,7 +47,8 @@ echo
 echo "================ summary ($(( $(date +%s) - T0 )) s)"
 if [ -f "$LOG/gpu_tests.log" ] && [ "$TEST_RC" != skipped ]; then
   echo "tests (rc=$TEST_RC): $(grep -E '(passed|failed|error)' "$LOG/gpu_tests.log" | tail -1)"
-  grep -E '^FAILED|^ERROR' "$LOG/gpu_tests.log" | head -20
+  echo "registry cupy: $(grep -E '(passed|failed|error)' "$LOG/gpu_registry.log" | tail -1)"
+  grep -hE '^FAILED|^ERROR' "$LOG/gpu_tests.log" "$LOG/gpu_registry.log" | head -40
 fi
 if [ -f "$LOG/bench.log" ] && [ "$BENCH_RC" != skipped ]; then
   echo "benchmark (rc=$BENCH_RC):"

@@ -13,6 +13,13 @@ blocks of each row ascending, every slot past the count ``-1``. :meth:`to_flex` 
 FlexAttention's form instead (tail filled with the unselected blocks, ascending, exactly as
 ``torch.nn.attention.flex_attention._dense_to_ordered``), so that
 ``BlockMask.from_kv_blocks`` on it agrees bit for bit with ``create_block_mask``.
+
+Device masks: a mask built from a CuPy (or any ``__cuda_array_interface__``) boolean array
+stays on the GPU (:attr:`BlockMask.on_device`). Its index form, transpose, head expansion,
+algebra and density are computed there, so a GPU selection feeds the GPU attention with no
+host round trip. The analysis converters (``to_flex``, ``to_bsr``, ``to_token_mask``,
+``token_rows``, ``split_full``, ``check``) copy to the host first; :meth:`BlockMask.to_host`
+and :meth:`BlockMask.to_device` move a mask explicitly.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._device_mask import _as_bool4_device, _is_device, _ordered_device, _xp
 from .errors import InputError
 from .layout import causal_offset
 
@@ -70,6 +78,8 @@ def full_blocks(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool
 
 
 def _as_bool4(mask: Any) -> np.ndarray:
+    if _is_device(mask):
+        return _as_bool4_device(mask)
     m = np.asarray(mask)
     if m.dtype != bool:
         if m.dtype.kind in "iu" and m.size and not np.isin(m, (0, 1)).all():
@@ -90,7 +100,10 @@ def _ordered(dense: np.ndarray, fill: str) -> tuple[np.ndarray, np.ndarray]:
 
     ``fill="canonical"``: slots past the count are -1. ``fill="flex"``: they hold the
     unselected indices, ascending (a stable descending argsort of the mask).
+    Device arrays give device results (the same values).
     """
+    if _is_device(dense):
+        return _ordered_device(dense, fill)
     counts = dense.sum(axis=-1, dtype=np.int32)
     order = np.argsort(~dense, axis=-1, kind="stable").astype(np.int32)
     if fill == "canonical":
@@ -163,7 +176,8 @@ class BlockMask:
                              f"(Qb, Kb) = ({qb}, {kb})")
         if m is mask:
             m = m.copy()
-        m.setflags(write=False)
+        if not _is_device(m):
+            m.setflags(write=False)
         self.mask = m
         self.block_q, self.block_k = int(block_q), int(block_k)
         self.q_len, self.k_len = int(q_len), int(k_len)
@@ -182,6 +196,32 @@ class BlockMask:
     def num_k_blocks(self) -> int:
         return self.mask.shape[3]
 
+    @property
+    def on_device(self) -> bool:
+        """True when the mask lives on the GPU (a CuPy array)."""
+        return _is_device(self.mask)
+
+    def to_host(self) -> "BlockMask":
+        """The same mask with a NumPy array (``self`` when already on the host)."""
+        return self.like(self.mask.get()) if self.on_device else self
+
+    def to_device(self) -> "BlockMask":
+        """The same mask with a CuPy array (``self`` when already on the device)."""
+        if self.on_device:
+            return self
+        import cupy
+
+        return self.like(cupy.asarray(self.mask))
+
+    def _host_mask(self) -> np.ndarray:
+        return self.mask.get() if self.on_device else self.mask
+
+    def _legal(self, causal: bool, full: bool = False) -> Any:
+        """``legal_blocks`` (or ``full_blocks``) in the mask's array module."""
+        f = full_blocks if full else legal_blocks
+        return _xp(self.mask).asarray(f(self.q_len, self.k_len, self.block_q, self.block_k,
+                                        causal))
+
     def geometry(self) -> tuple[int, int, int, int, str]:
         return (self.block_q, self.block_k, self.q_len, self.k_len, self.head_kind)
 
@@ -193,13 +233,13 @@ class BlockMask:
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, block=({self.block_q}, {self.block_k}), "
                 f"len=({self.q_len}, {self.k_len}), head_kind={self.head_kind!r}, "
-                f"blocks={int(self.mask.sum())})")
+                f"blocks={int(self.mask.sum())}{', device' if self.on_device else ''})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BlockMask):
             return NotImplemented
         return self.geometry() == other.geometry() and self.shape == other.shape and bool(
-            np.array_equal(self.mask, other.mask))
+            np.array_equal(self._host_mask(), other._host_mask()))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -252,12 +292,12 @@ class BlockMask:
     def transpose(self) -> tuple[np.ndarray, np.ndarray]:
         """Canonical transposed form for backward: ``q_num_blocks int32 [B,H,Kb]`` and
         ``q_indices int32 [B,H,Kb,Qb]`` (for each key block, the query blocks that selected it)."""
-        return _ordered(np.swapaxes(self.mask, -1, -2), "canonical")
+        return _ordered(_xp(self.mask).swapaxes(self.mask, -1, -2), "canonical")
 
     def split_full(self, causal: bool = False) -> tuple["BlockMask", "BlockMask"]:
         """``(partial, full)``: the selected blocks that a token-level mask cuts (causal
         diagonal, ragged last block) and those it does not. ``partial | full == self``."""
-        full = self.mask & full_blocks(self.q_len, self.k_len, self.block_q, self.block_k, causal)
+        full = self.mask & self._legal(causal, full=True)
         return self.like(self.mask & ~full), self.like(full)
 
     def to_flex(self, *, causal: bool | None = None) -> dict[str, Any]:
@@ -268,6 +308,8 @@ class BlockMask:
         ``seq_lengths``. With ``causal`` given, the partial/full split is made: ``kv_*`` hold
         the partial blocks and ``full_kv_*`` / ``full_q_*`` the full ones.
         """
+        if self.on_device:
+            return self.to_host().to_flex(causal=causal)
         out: dict[str, Any] = {"BLOCK_SIZE": (self.block_q, self.block_k),
                                "seq_lengths": (self.q_len, self.k_len)}
         if causal is None:
@@ -286,6 +328,8 @@ class BlockMask:
     def to_bsr(self) -> tuple[np.ndarray, np.ndarray]:
         """Block-CSR per (b, h): ``indptr int32 [B,H,Qb+1]`` and ``indices int32 [B,H,nnz_max]``
         (ascending per row, rows concatenated; ``-1`` past each head's nnz)."""
+        if self.on_device:
+            return self.to_host().to_bsr()
         counts = self.mask.sum(-1, dtype=np.int32)
         indptr = np.zeros(counts.shape[:2] + (counts.shape[2] + 1,), dtype=np.int32)
         np.cumsum(counts, axis=-1, out=indptr[..., 1:])
@@ -298,7 +342,10 @@ class BlockMask:
         return indptr, indices
 
     def to_token_mask(self, causal: bool = False) -> np.ndarray:
-        """Token-level mask bool ``[B, H, q_len, k_len]`` (causal bottom-right when asked)."""
+        """Token-level mask bool ``[B, H, q_len, k_len]`` (causal bottom-right when asked).
+        Always a NumPy array."""
+        if self.on_device:
+            return self.to_host().to_token_mask(causal)
         t = np.repeat(np.repeat(self.mask, self.block_q, axis=2)[:, :, : self.q_len],
                       self.block_k, axis=3)[:, :, :, : self.k_len]
         if causal:
@@ -312,7 +359,7 @@ class BlockMask:
         No causal mask is applied. ``"kv"`` masks must be expanded first."""
         if self.head_kind != "q":
             raise InputError("token_rows: expand a 'kv' mask to query heads first")
-        m = self.mask[b if self.shape[0] > 1 else 0]
+        m = self._host_mask()[b if self.shape[0] > 1 else 0]
         m = m if m.shape[0] == 1 else m[h0:h1]
         rows = m[:, np.arange(r0, r1) // self.block_q]            # [Hm, R, Kb]
         return np.repeat(rows, self.block_k, axis=2)[:, :, : self.k_len]
@@ -332,7 +379,7 @@ class BlockMask:
             if num_q_heads % H:
                 raise InputError(f"mask: {num_q_heads} query heads are not a multiple of the "
                                  f"mask's {H} kv heads")
-            m = np.repeat(self.mask, num_q_heads // H, axis=1)
+            m = _xp(self.mask).repeat(self.mask, num_q_heads // H, axis=1)
         return BlockMask(m, block_q=self.block_q, block_k=self.block_k, q_len=self.q_len,
                          k_len=self.k_len, head_kind="q")
 
@@ -343,35 +390,43 @@ class BlockMask:
         if self.geometry() != other.geometry():
             raise InputError(f"{op}: masks differ in geometry {self.geometry()} vs {other.geometry()}")
 
+    def _other_mask(self, other: "BlockMask") -> Any:
+        """``other``'s array on this mask's side (host or device)."""
+        if other.on_device == self.on_device:
+            return other.mask
+        return (other.to_device() if self.on_device else other.to_host()).mask
+
     def union(self, other: "BlockMask") -> "BlockMask":
         self._compatible(other, "union")
-        return self.like(self.mask | other.mask)
+        return self.like(self.mask | self._other_mask(other))
 
     def intersection(self, other: "BlockMask") -> "BlockMask":
         self._compatible(other, "intersection")
-        return self.like(self.mask & other.mask)
+        return self.like(self.mask & self._other_mask(other))
 
     __or__ = union
     __and__ = intersection
 
     def with_causal(self) -> "BlockMask":
         """Drop blocks that hold no causally visible (query, key) pair."""
-        return self.like(self.mask & legal_blocks(self.q_len, self.k_len, self.block_q,
-                                                  self.block_k, True))
+        return self.like(self.mask & self._legal(True))
 
     # ---------------------------------------------------------------- queries
     def density(self, causal: bool = False, per_head: bool = False) -> Any:
         """Selected legal blocks over legal blocks (under ``causal``, only blocks holding a
         visible pair count). ``per_head=True`` gives ``[B, H]``."""
-        legal = legal_blocks(self.q_len, self.k_len, self.block_q, self.block_k, causal)
+        legal = self._legal(causal)
         sel = (self.mask & legal).sum(axis=(-1, -2))
         tot = max(int(legal.sum()), 1)
         if per_head:
-            return sel / tot
+            return sel / tot      # on the device for a device mask
         return float(sel.sum() / (tot * sel.size))
 
     def check(self) -> "BlockMask":
         """Validate the mask's invariants (raises :class:`InputError`); returns self."""
+        if self.on_device:
+            self.to_host().check()
+            return self
         if self.mask.dtype != bool or self.mask.ndim != 4:
             raise InputError("BlockMask: mask must be a 4-d boolean array")
         qb, kb = num_blocks(self.q_len, self.block_q), num_blocks(self.k_len, self.block_k)

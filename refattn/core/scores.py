@@ -10,6 +10,14 @@ from .blockmask import BlockMask, num_blocks
 from .errors import InputError
 
 
+def _on_device(x: Any) -> bool:
+    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+
+
+def _host(x: Any) -> Any:
+    return x.get() if _on_device(x) else x
+
+
 @dataclass(frozen=True, eq=False)
 class BlockScores:
     """Block importance scores, float64 ``[B, H, Qb, Kb]``, on a block grid.
@@ -27,7 +35,11 @@ class BlockScores:
     head_kind: str = "q"
 
     def __post_init__(self) -> None:
-        s = np.asarray(self.scores, dtype=np.float64)
+        s = self.scores
+        if _on_device(s):          # device scores stay CuPy (float64)
+            s = s.astype("float64", copy=False)
+        else:
+            s = np.asarray(s, dtype=np.float64)
         while s.ndim < 4:
             s = s[None]
         if s.ndim != 4:
@@ -40,6 +52,13 @@ class BlockScores:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.scores.shape
+
+    def to_host(self) -> "BlockScores":
+        """The same scores as a NumPy array (``self`` when already on the host)."""
+        if not _on_device(self.scores):
+            return self
+        return BlockScores(self.scores.get(), self.block_q, self.block_k, self.q_len,
+                           self.k_len, self.head_kind)
 
     def to_mask(self, mask: Any) -> BlockMask:
         """A :class:`BlockMask` on this grid."""
@@ -72,11 +91,29 @@ class Selection:
     params: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def on_device(self) -> bool:
+        """True when the mask lives on the GPU (a device selection, see
+        :func:`refattn.api.select`)."""
+        return self.mask.on_device
+
+    def to_host(self) -> "Selection":
+        """A copy with every array on the host (``self`` when nothing is on the device)."""
+        arrays = [self.boundary, self.forced] + list(self.extras.values())
+        if not self.on_device and not any(_on_device(a) for a in arrays) and (
+                self.scores is None or not _on_device(self.scores.scores)):
+            return self
+        return Selection(mask=self.mask.to_host(),
+                         scores=None if self.scores is None else self.scores.to_host(),
+                         boundary=_host(self.boundary), forced=_host(self.forced),
+                         method=self.method, params=dict(self.params),
+                         extras={k: _host(v) for k, v in self.extras.items()})
+
     def boundary_like_mask(self) -> np.ndarray | None:
-        """``boundary`` broadcastable against ``[B, H, Qb, Kb]``."""
+        """``boundary`` broadcastable against ``[B, H, Qb, Kb]`` (host array)."""
         if self.boundary is None:
             return None
-        b = np.asarray(self.boundary, dtype=np.float64)
+        b = np.asarray(_host(self.boundary), dtype=np.float64)
         if b.ndim == 3:
             return b[..., None]
         if b.ndim == 2:

@@ -32,6 +32,9 @@ class MethodInfo:
     paper: str
     code: str  # "owner/repo@commit" of the official code the reference follows
     needs_v: bool = False
+    #: ``select`` keeps CuPy inputs on the GPU end to end (scores, selection, mask) when the
+    #: backend is ``"cupy"``; other methods take host arrays (see :func:`refattn.api.select`).
+    device: bool = False
 
     def defaults(self) -> dict[str, Any]:
         return {f.name: f.default if f.default is not dataclasses.MISSING else None
@@ -51,7 +54,7 @@ class MethodInfo:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "summary": self.summary,
                 "paper": self.paper, "code": self.code, "needs_v": self.needs_v,
-                "params": {k: _jsonable(v) for k, v in self.defaults().items()}}
+                "device": self.device, "params": {k: _jsonable(v) for k, v in self.defaults().items()}}
 
 
 def _jsonable(v: Any) -> Any:
@@ -66,13 +69,15 @@ _METHODS: dict[str, MethodInfo] = {}
 
 
 def register_method(name: str, params: type, *, kind: str, summary: str, paper: str, code: str,
-                    needs_v: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for a method's ``select`` function."""
+                    needs_v: bool = False, device: bool = False
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a method's ``select`` function (``device``: see :class:`MethodInfo`)."""
     if kind not in KINDS:
         raise ValueError(f"register_method: kind {kind!r} not in {KINDS}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _METHODS[name] = MethodInfo(name, kind, params, fn, summary, paper, code, needs_v)
+        _METHODS[name] = MethodInfo(name, kind, params, fn, summary, paper, code, needs_v,
+                                    device)
         return fn
 
     return deco
