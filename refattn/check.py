@@ -163,20 +163,25 @@ def add_noise_atol(ref: np.ndarray, dtype: str) -> float:
 
 def compare_arrays(ref: Any, candidate: Any, dtype: str = "float32", *, base: Any = None,
                    atol: float | None = None, lse_base: str = "e", name: str = "out",
-                   max_report: int = 5) -> Report:
+                   max_report: int = 5, equal_nan: bool = False) -> Report:
     """Apply the tolerance rule to ``candidate`` against the float64 ``ref``.
 
     ``base``: the emulated low-precision result (same shape); without it the baseline error
     is taken as ``4 * eps(dtype) * max|ref|`` (stated in the report). ``lse_base="2"``
     converts a base-2 candidate LSE to natural log first. ``-inf`` in ``ref`` (empty rows)
-    must be ``-inf`` in the candidate; NaN in the candidate never passes.
+    must be ``-inf`` in the candidate; NaN in the candidate never passes, unless
+    ``equal_nan``: then NaN is part of the specification (ops whose reference returns NaN
+    rows by design) and must appear at exactly the reference's NaN positions -- NaN in both
+    passes, NaN in only one of them fails (reported as ``nan_mismatch``).
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        return _compare_arrays(ref, candidate, dtype, base, atol, lse_base, name, max_report)
+        return _compare_arrays(ref, candidate, dtype, base, atol, lse_base, name, max_report,
+                               bool(equal_nan))
 
 
 def _compare_arrays(ref: Any, candidate: Any, dtype: str, base: Any, atol: float | None,
-                    lse_base: str, name: str, max_report: int) -> Report:
+                    lse_base: str, name: str, max_report: int,
+                    equal_nan: bool = False) -> Report:
     r = np.asarray(ref, np.float64)
     c = np.asarray(candidate).astype(np.float64)
     if lse_base not in ("e", "2", 2):
@@ -185,10 +190,17 @@ def _compare_arrays(ref: Any, candidate: Any, dtype: str, base: Any, atol: float
         c = c * np.log(2.0)
     if r.shape != c.shape:
         return Report(False, "array", name, notes=[f"shape differs: reference {r.shape}, candidate {c.shape}"])
-    nan = np.isnan(c)
-    rinf, cinf = ~np.isfinite(r), ~np.isfinite(c) & ~nan
+    rnan = np.isnan(r)
+    # NaN in the candidate is an error; with equal_nan only where the reference is not NaN,
+    # and a reference NaN the candidate lacks is an error too (nan_mismatch counts both).
+    nan = np.isnan(c) & ~rnan if equal_nan else np.isnan(c)
+    nan_missing = rnan & ~np.isnan(c) if equal_nan else np.zeros(r.shape, bool)
+    both_nan = rnan & np.isnan(c) if equal_nan else np.zeros(r.shape, bool)
+    rinf = ~np.isfinite(r) & ~both_nan & ~nan_missing
+    cinf = ~np.isfinite(c) & ~np.isnan(c)
     inf_bad = (rinf != cinf) | (rinf & cinf & (np.sign(r) != np.sign(c)))
-    fin = ~rinf & ~cinf & ~nan
+    inf_bad &= ~nan_missing
+    fin = ~rinf & ~cinf & ~nan & ~both_nan & ~nan_missing
     err = np.where(fin, np.abs(c - r), 0.0)
     max_err = float(err.max()) if err.size else 0.0
     rmax = float(np.abs(np.where(np.isfinite(r), r, 0.0)).max()) if r.size else 0.0
@@ -207,14 +219,22 @@ def _compare_arrays(ref: Any, candidate: Any, dtype: str, base: Any, atol: float
     stats = {"shape": tuple(r.shape), "dtype": dtype, "max_abs_err": max_err, "bound": bound,
              "baseline_err": base_err, "atol": a, "rel_norm": float(num / den) if den > 0 else float(num),
              "nan": int(nan.sum()), "inf_mismatch": int(inf_bad.sum())}
-    ok = bool(nan.sum() == 0 and inf_bad.sum() == 0 and max_err <= bound)
+    if equal_nan:
+        stats["nan_expected"] = int(rnan.sum())
+        stats["nan_mismatch"] = int(nan.sum() + nan_missing.sum())
+        if nan.any():
+            notes.append(f"{int(nan.sum())} NaN in the candidate where the reference is not NaN")
+        if nan_missing.any():
+            notes.append(f"{int(nan_missing.sum())} reference NaN not NaN in the candidate")
+    bad = nan | inf_bad | nan_missing
+    ok = bool(bad.sum() == 0 and max_err <= bound)
     first = []
     if not ok:
-        score = err + np.where(nan | inf_bad, np.inf, 0.0)
+        score = err + np.where(bad, np.inf, 0.0)
         flat = np.argsort(score, axis=None)[::-1][:max_report]
         for f in flat:
             idx = np.unravel_index(f, r.shape)
-            if score[idx] <= bound and not (nan[idx] or inf_bad[idx]):
+            if score[idx] <= bound and not bad[idx]:
                 break
             first.append({"index": tuple(int(i) for i in idx), "ref": float(r[idx]),
                           "candidate": float(c[idx]), "abs_err": float(score[idx])})

@@ -3,6 +3,9 @@
 For each op with a non-reference implementation, each case of refattn.testing.op_cases is
 run through the reference and the kernel; the kernel's outputs are preallocated and
 poisoned (NaN for floats, a sentinel for integers) so unwritten elements are caught.
+Ops whose reference has NaN by design (``Op.equal_nan``) and ``"exact"`` ops, for which
+NaN would compare equal to a NaN of the reference, get a finite float sentinel instead, so
+that an unwritten NaN position still fails.
 """
 from __future__ import annotations
 
@@ -34,15 +37,22 @@ def _kernel_params():
     return params or [pytest.param(None, None, marks=pytest.mark.skip(reason="no kernels registered"))]
 
 
-def _poisoned(ref_out):
+# Float poison where NaN cannot be the poison (see the module docstring): finite, far from
+# any score, and not a value a kernel computes by accident.
+FLOAT_SENTINEL = np.float32(-1.2345e30)
+
+
+def _poisoned(ref_out, nan_is_valid=False):
     """Preallocated outputs for the kernel, poisoned. The cases' inputs are NumPy arrays,
     so the outputs are NumPy too (a CuPy kernel given NumPy returns NumPy; the GPU test
-    files check CuPy-in/CuPy-out separately)."""
+    files check CuPy-in/CuPy-out separately). ``nan_is_valid``: NaN may be a correct
+    output, so floats are poisoned with :data:`FLOAT_SENTINEL` instead of NaN."""
     outs = []
+    fill = FLOAT_SENTINEL if nan_is_valid else np.nan
     for r in ref_out:
         r = np.asarray(r)
         if r.dtype.kind == "f":
-            outs.append(np.full(r.shape, np.nan, np.float32))
+            outs.append(np.full(r.shape, fill, np.float32))
         elif r.dtype.kind in "iu":
             outs.append(np.full(r.shape, -12345, r.dtype))
         else:
@@ -66,7 +76,7 @@ def test_kernel_matches_reference(name, backend):
         args, dt = case["args"], case["dtype"]
         ref = op.reference(*args)
         ref = ref if isinstance(ref, tuple) else (ref,)
-        out = _poisoned(ref)
+        out = _poisoned(ref, nan_is_valid=op.equal_nan or op.kind == "exact")
         got = impl(*args, out=out)
         got = got if isinstance(got, tuple) else (got,)
         base = testing.op_baseline(name, args, dt)
@@ -80,7 +90,7 @@ def test_kernel_matches_reference(name, backend):
             cdt = "float32" if dt == "float64" else dt
             atol = add_noise_atol(r, cdt) + testing.op_error_floor(name, args, cdt, r)
             rep = compare_arrays(r, g, cdt, base=None if base is None else base[i], atol=atol,
-                                 name=op.outputs[i])
+                                 name=op.outputs[i], equal_nan=op.equal_nan)
             if not rep.ok:
                 failures.append(f"{case['label']}:\n{rep.summary()}")
         n += 1

@@ -1,6 +1,6 @@
 """Registry cases for the KV-cache token-importance ops (:mod:`refattn.kvcache`): H2O,
-VATP, SnapKV, kvpress observed attention / SnapKV / TOVA, CAOTE, and the top-budget eviction
-step (``kvcache_topk_keep``).
+VATP, SnapKV, kvpress observed attention / SnapKV / TOVA / knorm / keydiff / expected
+attention, CAOTE, and the top-budget eviction step (``kvcache_topk_keep``).
 
 Random, structured (sink, diagonal, stripes; ``refattn.testing.structured_qkv``) and
 adversarial inputs (one dominant key, tied keys, a single token, rows that see no key when
@@ -160,6 +160,38 @@ def _cases_topk(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     # tests/kvcache/test_kv_kernels.py covers it)
 
 
+def _cases_knorm_keydiff(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """(k,): every prefill shape, plus zero keys (norm 0: keydiff's ``1e-12`` / ``1e-8``
+    clamps), an all-zero head (anchor 0), a head of one repeated key, and float64 keys."""
+    for label, _, k, _, dt in _prefill(rng):
+        yield {"label": label, "args": (k,), "dtype": dt}
+    k = rng.standard_normal((2, 3, 300, 64)).astype(np.float32)
+    k[0, 0, ::7] = 0.0
+    k[0, 1] = 0.0
+    k[1, 2] = k[1, 2, 5]
+    yield {"label": "zeros_repeated", "args": (k,), "dtype": "float32"}
+    yield {"label": "fp64_offset", "args": (rng.standard_normal((1, 2, 129, 32)) + 3.0,),
+           "dtype": "float64"}
+
+
+def _cases_expected(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """(q, k, v, n_future_positions, n_sink, use_covariance, use_vnorm, epsilon, rope_base):
+    every prefill shape (``n_sink`` lowered below the length where needed), GQA/MQA,
+    both covariance and v-norm switches, ``epsilon > 0``, one future position, another
+    RoPE base."""
+    opts = [(512, 4, True, True, 0.0, 10000.0), (64, 0, False, True, 0.0, 10000.0),
+            (1, 2, True, False, 0.0, 500000.0), (512, 1, True, True, 0.01, 10000.0)]
+    for i, (label, q, k, v, dt) in enumerate(_prefill(rng)):
+        F, ns, cov, vn, eps, base = opts[i % len(opts)]
+        ns = min(ns, k.shape[2] - 1)
+        yield {"label": f"{label}-F{F}-s{ns}-c{int(cov)}-v{int(vn)}",
+               "args": (q, k, v, F, ns, cov, vn, eps, base), "dtype": dt}
+    q, k, v = structured_qkv(rng, 2, 4, 2, 257, 257, 64)
+    for cov in (True, False):
+        yield {"label": f"structured_gqa-c{int(cov)}",
+               "args": (q, k, v, 512, 4, cov, True, 0.0, 10000.0), "dtype": "float32"}
+
+
 register_cases("h2o_score", _cases_h2o)
 register_cases("kvpress_observed_attention_score", _cases_observed)
 register_cases("vatp_score", _cases_vatp)
@@ -168,3 +200,6 @@ register_cases("kvpress_snapkv_score", _cases_press_snapkv)
 register_cases("kvpress_tova_score", _cases_tova)
 register_cases("caote_score", _cases_caote)
 register_cases("kvcache_topk_keep", _cases_topk)
+register_cases("kvpress_knorm_score", _cases_knorm_keydiff)
+register_cases("kvpress_keydiff_score", _cases_knorm_keydiff)
+register_cases("kvpress_expected_attention_score", _cases_expected)

@@ -3,9 +3,20 @@
 * :func:`define_op` declares an op with its NumPy reference (backend ``"numpy"``).
 * :func:`register` adds an implementation for another backend (``"numba"``, ``"cupy"``).
   Kernels take the same arguments as the reference and accept ``out=`` (a tuple of
-  preallocated output arrays, which the test harness poisons with NaN before each call).
+  preallocated output arrays, which the test harness poisons before each call: NaN, or a
+  finite sentinel for ``equal_nan`` and ``"exact"`` ops).
 * :func:`dispatch` picks the implementation; ``backend="auto"`` takes CuPy for GPU inputs,
-  else Numba where a kernel is registered, else the reference.
+  else Numba where a kernel is registered, else the reference. An explicit backend without
+  a kernel is an error, never a silent fallback, with one declared exception:
+* ``host_only``: an op defined with ``define_op(..., host_only="reason")`` has no kernels by
+  design (a pure shape/pattern constructor that does no arithmetic on the inputs, or a
+  reference whose exact output cannot be reproduced elsewhere, such as NumPy's random
+  stream). Every backend, explicit or ``"auto"``, runs its reference; registering a kernel
+  for it is an error. The reason is kept on the op (``Op.host_only``).
+* ``equal_nan``: an op whose reference output has NaN by design (e.g. rows without any
+  allowed block). A kernel must produce NaN at exactly the reference's NaN positions and
+  nowhere else; the registry suite compares with ``compare_arrays(..., equal_nan=True)``
+  and poisons such outputs with a finite sentinel instead of NaN.
 
 The test suite enumerates :func:`ops` and :func:`implementations`, so a new kernel is
 checked against its reference without new test code.
@@ -27,11 +38,23 @@ BACKEND_MODULES = {"numba": "refattn.kernels", "cupy": "refattn.gpu"}
 
 @dataclass(frozen=True)
 class Op:
+    """One registry op.
+
+    * ``kind``: ``"array"`` (tolerance rule) | ``"mask"`` (tie-aware) | ``"exact"``
+      (bit-identical).
+    * ``equal_nan``: NaN in the reference output is part of the specification: a kernel's
+      output must be NaN at the same positions, and only there.
+    * ``host_only``: empty for ordinary ops; else the reason why the op has no kernel (every
+      backend then runs the reference, see :func:`resolve_backend`).
+    """
+
     name: str
     reference: Callable[..., Any]
     outputs: tuple[str, ...]
-    kind: str  # "array" (tolerance rule) | "mask" (tie-aware) | "exact" (bit-identical)
+    kind: str
     doc: str = ""
+    equal_nan: bool = False
+    host_only: str = ""
 
 
 _OPS: dict[str, Op] = {}
@@ -40,10 +63,18 @@ _LOADED: dict[str, str | None] = {}
 
 
 def define_op(name: str, reference: Callable[..., Any], *, outputs: tuple[str, ...],
-              kind: str = "array", doc: str = "") -> Op:
+              kind: str = "array", doc: str = "", equal_nan: bool = False,
+              host_only: str = "") -> Op:
+    """Declare op ``name`` with its NumPy ``reference`` (see :class:`Op` for the fields).
+    ``host_only`` is the reason (a non-empty sentence) why the op has no kernels."""
     if kind not in ("array", "mask", "exact"):
         raise ValueError(f"define_op: kind {kind!r}")
-    op = Op(name, reference, tuple(outputs), kind, doc or (reference.__doc__ or "").strip())
+    if not isinstance(host_only, str):
+        raise ValueError(f"define_op({name!r}): host_only must be the reason, a string")
+    if host_only and any(n == name and b != "numpy" for (n, b) in _IMPLS):
+        raise ValueError(f"define_op({name!r}): host_only op already has a kernel")
+    op = Op(name, reference, tuple(outputs), kind, doc or (reference.__doc__ or "").strip(),
+            bool(equal_nan), host_only.strip())
     _OPS[name] = op
     _IMPLS[(name, "numpy")] = reference
     return op
@@ -55,6 +86,9 @@ def register(name: str, backend: str) -> Callable[[Callable[..., Any]], Callable
         raise ValueError(f"register: backend must be 'numba' or 'cupy', got {backend!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _OPS and _OPS[name].host_only:
+            raise ValueError(f"register: op {name!r} is host-only "
+                             f"({_OPS[name].host_only}); it takes no {backend} kernel")
         _IMPLS[(name, backend)] = fn
         return fn
 
@@ -116,9 +150,15 @@ def _is_gpu_array(x: Any) -> bool:
 
 def resolve_backend(name: str, backend: str, arrays: tuple[Any, ...] = ()) -> str:
     """The backend that will run op ``name``. ``auto``: cupy for GPU arrays, else numba if a
-    kernel is registered, else numpy. An explicit backend without a kernel is an error."""
+    kernel is registered, else numpy. An explicit backend without a kernel is an error,
+    except for a ``host_only`` op: it runs its reference (``"numpy"``) for every valid
+    backend, without loading any backend package."""
     if name not in _OPS:
         raise InputError(f"unknown op {name!r}")
+    if _OPS[name].host_only:
+        if backend != "auto" and backend not in BACKENDS:
+            raise InputError(f"backend: expected one of {BACKENDS + ('auto',)}, got {backend!r}")
+        return "numpy"
     if backend == "auto":
         if any(_is_gpu_array(a) for a in arrays):
             why = load_backend("cupy")

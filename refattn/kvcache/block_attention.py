@@ -73,7 +73,8 @@ def block_attention_mask(block_sizes: tuple[int, ...], length: int) -> np.ndarra
     return (j <= i) & ((blk[:, None] == blk[None, :]) | (blk[:, None] == last))
 
 
-define_op("block_attention_mask", block_attention_mask, outputs=("mask",), kind="exact")
+define_op("block_attention_mask", block_attention_mask, outputs=("mask",), kind="exact",
+          host_only="a boolean pattern of the block sizes: no arithmetic on the inputs")
 
 
 def local_positions(block_sizes: tuple[int, ...]) -> np.ndarray:

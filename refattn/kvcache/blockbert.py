@@ -69,7 +69,8 @@ def blockbert_mask(num_q_heads: int, num_blocks: int, head_shifts: tuple[int, ..
     return m
 
 
-define_op("blockbert_mask", blockbert_mask, outputs=("mask",), kind="exact")
+define_op("blockbert_mask", blockbert_mask, outputs=("mask",), kind="exact",
+          host_only="a boolean pattern of the head shifts: no arithmetic on the inputs")
 
 
 @register_method(

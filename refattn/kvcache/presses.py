@@ -210,6 +210,12 @@ def random_score(k: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random(k.shape[:3])
 
 
+# Ops without kernels by design (refattn.core.registry: every backend runs the reference).
+HOST_ONLY = {
+    "streaming_llm": "a fixed 0/1 pattern of the sequence length: no arithmetic on the inputs",
+    "random": "NumPy's default_rng(seed) stream, which a kernel cannot reproduce",
+}
+
 for _name, _fn in (
     ("knorm", knorm_score),
     ("keydiff", keydiff_score),
@@ -220,7 +226,8 @@ for _name, _fn in (
     ("expected_attention", expected_attention_score),
     ("random", random_score),
 ):
-    define_op(f"kvpress_{_name}_score", _fn, outputs=("scores",), kind="array")
+    define_op(f"kvpress_{_name}_score", _fn, outputs=("scores",), kind="array",
+              host_only=HOST_ONLY.get(_name, ""))
 
 
 def press_score(

@@ -105,7 +105,8 @@ def streamingllm_score(k_len: int, start_size: int, recent_size: int) -> np.ndar
     return s
 
 
-define_op("streamingllm_score", streamingllm_score, outputs=("scores",), kind="exact")
+define_op("streamingllm_score", streamingllm_score, outputs=("scores",), kind="exact",
+          host_only="a 0/1 pattern of the cache geometry (k_len, start, recent): no input arrays")
 
 
 def shifted_qk(

@@ -21,7 +21,8 @@ segment ``s`` (a multiple of ``b``), ``m = s / b`` blocks per segment:
 2. Scores (``block_pooled_attn``). Q and ``K' = K[perm]`` zero-padded to ``ceil(L/b)*b``;
    ``q_I``, ``k'_J`` = block means *including* the zero padding (sum / b);
    ``z[I,J] = q_I . k'_J / sqrt(D)`` where ``floor(I/m) != floor(J/m)`` and ``J <= I``,
-   else ``-inf``; ``p[I,:] = softmax_J z[I,:]``. Rows with no allowed block are NaN.
+   else ``-inf``; ``p[I,:] = softmax_J z[I,:]``. Rows with no allowed block are NaN (part
+   of the op's output: ``pbs_score`` is defined with ``equal_nan=True``).
 3. Selection (``select_blocks``). Sort ``p`` descending; keep the prefix up to and including
    the first position whose cumulative sum reaches ``tau``; keep **nothing** if ``tau`` is
    never reached (NaN rows). Force the block holding original token 0 in every row.
@@ -141,7 +142,10 @@ def pbs_block_scores(q: np.ndarray, k_perm: np.ndarray, block_size: int, segment
 
 KEY_IMPORTANCE_OP = define_op("pbs_key_importance", pbs_key_importance,
                               outputs=("key_importance",), kind="array")
-SCORE_OP = define_op("pbs_score", pbs_block_scores, outputs=("block_scores",), kind="array")
+# NaN rows are part of the op's output (segment-0 query blocks have no allowed block):
+# kernels must reproduce them exactly (equal_nan, see refattn.core.registry.Op).
+SCORE_OP = define_op("pbs_score", pbs_block_scores, outputs=("block_scores",), kind="array",
+                     equal_nan=True)
 
 
 # -------------------------------------------------------------- permutation
