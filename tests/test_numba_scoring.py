@@ -81,12 +81,12 @@ def test_selection_matches_reference(method, source):
 
 
 @pytest.mark.parametrize("source", ["structured", "real"])
-def test_pbs_selection_with_numba_key_importance(source):
-    """PBS: pbs_key_importance has a Numba kernel, pbs_score has none (its reference output
-    holds NaN rows by design, which the registry suite cannot compare), so backend="auto"
-    runs the kernel for the key ordering and the reference for the block scores."""
+def test_pbs_selection_with_numba_kernels(source):
+    """PBS: backend="auto" runs the Numba kernels of both pbs_key_importance (the key
+    ordering) and pbs_score (the permuted block scores, NaN rows included)."""
     q, k = _inputs(source)
     assert registry.resolve_backend("pbs_key_importance", "auto") == "numba"
+    assert registry.resolve_backend("pbs_score", "auto") == "numba"
     params = dict(block_size=64, segment_size=256, tau=0.9)
     ref = refattn.select(q, k, "pbs", backend="numpy", **params)
     got = refattn.select(q, k, "pbs", backend="auto", **params)
