@@ -9,6 +9,8 @@ key, a hash of the source text and the options, changes whenever the header chan
 Options: ``-std=c++17`` and ``--gpu-architecture=sm_XY`` for the current device
 (``sm_90`` on Hopper: the kernels use ``mma.sync``/``ldmatrix``/``cp.async``, which need
 sm_80+, and no sm_90a-only instruction). CuPy appends ``-ftz=true`` to every compile.
+Files listed in :data:`ARCH_OVERRIDES` get an arch-specific target instead on the devices
+named there (``attn_fwd_wgmma.cu``: ``sm_90a`` on sm_90, for wgmma and setmaxnreg).
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ _LOCK = threading.Lock()
 _MODULES: dict[tuple[str, str, int], Any] = {}
 _SOURCES: dict[str, str] = {}
 
+#: Per-file target override: {filename: {compute capability: target}}. The default target is
+#: ``sm_XY`` of the device; a file listed here compiles for the given target on that device.
+ARCH_OVERRIDES: dict[str, dict[int, str]] = {"attn_fwd_wgmma.cu": {90: "sm_90a"}}
+
 
 def device_cc(device: int | None = None) -> int:
     """Compute capability of the current (or given) device as an int, e.g. 90."""
@@ -36,8 +42,10 @@ def tensor_cores_available() -> bool:
     return device_cc() >= 80
 
 
-def compile_options() -> tuple[str, ...]:
-    return ("-std=c++17", f"--gpu-architecture=sm_{device_cc()}", f"-I{HERE}")
+def compile_options(filename: str | None = None) -> tuple[str, ...]:
+    cc = device_cc()
+    arch = ARCH_OVERRIDES.get(filename or "", {}).get(cc, f"sm_{cc}")
+    return ("-std=c++17", f"--gpu-architecture={arch}", f"-I{HERE}")
 
 
 def _source(filename: str) -> str:
@@ -64,7 +72,7 @@ def get_kernel(filename: str, name: str) -> Any:
         with _LOCK:
             fn = _MODULES.get(key)
             if fn is None:
-                mod = cp.RawModule(code=_source(filename), options=compile_options(),
+                mod = cp.RawModule(code=_source(filename), options=compile_options(filename),
                                    name_expressions=[name])
                 fn = mod.get_function(name)
                 _MODULES[key] = fn

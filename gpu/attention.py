@@ -17,12 +17,20 @@ Which kernel runs (all agree with the float64 reference within the DESIGN tolera
       gather kernels (query rows that chose a key block are gathered into dense tiles).
 * anything else (fp32 inputs, other head dims or block sizes): ``attn_rowwise.cu``, one warp
   per query row, exact fp32 FFMA (no tf32). float64 inputs are computed as float32.
+* Hopper (sm_90), forward, unless ``REFATTN_WGMMA=0`` (on by default since it passed the
+  GPU tests and measured 1.4-1.6x FlexAttention at S = 32768; docs/gpu_notes.md): dense, or block_q % 128 == 0 and block_k % 64 == 0,
+  D == Dv in {64, 128}, 16-bit inputs: ``attn_fwd_wgmma.cu`` (wgmma + TMA, warp-specialised,
+  compiled for sm_90a), over the same index form; anything it cannot take, or a failure to
+  build it, falls back to the mma.sync kernel.
 
 Causal is bottom-right aligned. A row that sees no key gets output 0 and LSE -inf.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -33,7 +41,7 @@ from refattn.core.blockmask import BlockMask, prepare_mask
 from refattn.core.errors import InputError
 from refattn.core.layout import AttnShape, as_array
 
-from ._build import get_kernel, launch, tensor_cores_available
+from ._build import device_cc, get_kernel, launch, tensor_cores_available
 
 LOG2E = 1.4426950408889634
 _CT = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -286,6 +294,128 @@ def _epl(shape: AttnShape) -> int:
     return 2 if n <= 2 else 4 if n <= 4 else 8
 
 
+# ----------------------------------------------------------------------------- wgmma (sm_90a)
+#: Value of ``REFATTN_WGMMA`` when unset: "1" runs the Hopper wgmma forward ("0" turns it off).
+WGMMA_DEFAULT = "1"
+#: Tunables of the wgmma forward: K/V pipeline depth and the intra-warpgroup overlap of the
+#: softmax with the P V product (docs/gpu_notes.md, "v-wgmma").
+WGMMA_CONFIG: dict[str, Any] = {"stages": 2, "ovl": False}
+_WGMMA_BROKEN: list[str] = []  # a build failure, remembered: the path then stays off
+_TMAPS: "OrderedDict[tuple, Any]" = OrderedDict()
+_TMAP_FN: Any = None
+_TMAP_DTYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_{FLOAT16,BFLOAT16}
+
+
+def wgmma_enabled() -> bool:
+    """``REFATTN_WGMMA`` (default :data:`WGMMA_DEFAULT`) is not "0", the device is sm_90 and
+    no earlier build of the kernel failed."""
+    if os.environ.get("REFATTN_WGMMA", WGMMA_DEFAULT).strip() == "0" or _WGMMA_BROKEN:
+        return False
+    try:
+        return device_cc() == 90
+    except Exception:  # pragma: no cover - no device
+        return False
+
+
+def _wgmma_fits(q: _Dev, shape: AttnShape, mask: BlockMask | None) -> bool:
+    if q.kind not in ("float16", "bfloat16") or shape.head_dim != shape.v_dim:
+        return False
+    if shape.head_dim not in (64, 128):
+        return False
+    return mask is None or (mask.block_q % 128 == 0 and mask.block_k % 64 == 0)
+
+
+def _encode_fn() -> Any:
+    global _TMAP_FN
+    if _TMAP_FN is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuTensorMapEncodeTiled
+        fn.restype = ctypes.c_int
+        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
+                       u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        _TMAP_FN = fn
+    return _TMAP_FN
+
+
+def tensor_map(d: _Dev, box_rows: int) -> bytes:
+    """The 128-byte ``CUtensorMap`` (driver ``cuTensorMapEncodeTiled``) of a 16-bit
+    ``[B, H, S, D]`` array: 4-d, innermost first (D, S, H, B), box 64 x ``box_rows``,
+    128-byte swizzle, zero fill out of bounds, L2 promotion 256 B."""
+    B, H, S, D = d.shape
+    sb, sh, ss, sd = d.strides()
+    if sd != 1 and D > 1:
+        raise ValueError("tensor_map: the last axis must be contiguous")
+    dims = [D, S, H, B]
+    strides = [ss * 2, sh * 2, sb * 2]
+    # a size-1 axis may carry any stride: give it one TMA accepts
+    for i in range(3):
+        if dims[i + 1] == 1:
+            strides[i] = (strides[i - 1] * dims[i]) if i else D * 2
+    if any(s <= 0 or s % 16 or s >= 1 << 40 for s in strides):
+        raise ValueError(f"tensor_map: strides {strides} (bytes) not multiples of 16 in (0, 2^40)")
+    buf = ctypes.create_string_buffer(256)
+    addr = (ctypes.addressof(buf) + 127) // 128 * 128
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    rc = _encode_fn()(ctypes.c_void_p(addr), _TMAP_DTYPE[d.kind], 4, ctypes.c_void_p(d.raw.data.ptr),
+                      (u64 * 4)(*dims), (u64 * 3)(*strides), (u32 * 4)(64, box_rows, 1, 1),
+                      (u32 * 4)(1, 1, 1, 1), 0, 3, 3, 0)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {dims}, "
+                           f"strides {strides}, box 64 x {box_rows})")
+    return ctypes.string_at(addr, 128)
+
+
+def _tensor_maps(qd: _Dev, kd: _Dev, vd: _Dev, bn: int) -> Any:
+    """q, k, v tensor maps (box rows 128, bn, bn) in one device buffer of 384 bytes, cached
+    by geometry (the maps depend only on the pointer, shape, strides, dtype and box)."""
+    key = tuple((d.raw.data.ptr, d.shape, d.strides(), d.kind) for d in (qd, kd, vd)) + (bn,)
+    hit = _TMAPS.get(key)
+    if hit is not None:
+        _TMAPS.move_to_end(key)
+        return hit
+    host = tensor_map(qd, 128) + tensor_map(kd, bn) + tensor_map(vd, bn)
+    dev = cp.asarray(np.frombuffer(host, dtype=np.uint8))
+    _TMAPS[key] = dev
+    while len(_TMAPS) > 16:
+        _TMAPS.popitem(last=False)
+    return dev
+
+
+def wgmma_kernel(T: str, D: int, BN: int, stages: int | None = None, ovl: bool | None = None
+                 ) -> tuple[Any, str]:
+    """The wgmma forward kernel and its template name (``T`` a C++ type name)."""
+    st = WGMMA_CONFIG["stages"] if stages is None else stages
+    ov = WGMMA_CONFIG["ovl"] if ovl is None else ovl
+    name = f"attn_fwd_wgmma<{T}, {D}, {BN}, {st}, {'true' if ov else 'false'}>"
+    return get_kernel("attn_fwd_wgmma.cu", name), name
+
+
+def wgmma_smem(D: int, BN: int, stages: int) -> int:
+    return 1024 + 128 * D * 2 + 2 * stages * BN * D * 2
+
+
+def _fwd_wgmma(qd: _Dev, kd: _Dev, vd: _Dev, shape: AttnShape, m: BlockMask | None, o: Any,
+               lse: Any, sl2: Any, cz: Any, *, stages: int | None = None,
+               ovl: bool | None = None) -> None:
+    """Launch ``attn_fwd_wgmma`` (the caller checked :func:`_wgmma_fits`)."""
+    B, Hq, Hkv, Sq, Sk, D = (shape.batch, shape.q_heads, shape.kv_heads, shape.q_len,
+                             shape.k_len, shape.head_dim)
+    BN = 128 if (m is None or m.block_k % 128 == 0) else 64
+    st = WGMMA_CONFIG["stages"] if stages is None else stages
+    fn, _ = wgmma_kernel(_CT[qd.kind], D, BN, st, ovl)
+    maps = _tensor_maps(qd, kd, vd, BN)
+    if m is None:
+        idx_args = (_NULL, _NULL, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int32(0))
+        bq, bk = 128, BN
+    else:
+        idx_args = _index_args(m, transpose=False)
+        bq, bk = m.block_q, m.block_k
+    launch(fn, (-(-Sq // 128), Hq, B), (384,),
+           (maps, o, lse, np.int32(Hq), np.int32(Hkv), np.int32(Sq), np.int32(Sk), sl2, cz)
+           + idx_args + (np.int32(bq), np.int32(bk)), wgmma_smem(D, BN, st))
+
+
 # ----------------------------------------------------------------------------- forward
 def attention_fwd(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False,
                   scale: float | None = None, *, out: tuple[Any, Any] | None = None
@@ -332,6 +462,16 @@ def attention_fwd(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False
         return _deliver((o, lse), out, host)
 
     elem = 2
+    if path == "block" and wgmma_enabled() and _wgmma_fits(qd, shape, m):
+        try:
+            _fwd_wgmma(qd, kd, vd, shape, m, o, lse, sl2, cz)
+            return _deliver((o, lse), out, host)
+        except ValueError:  # a geometry TMA cannot describe: this call only
+            pass
+        except Exception as e:  # build or driver failure: stay on the mma.sync kernel
+            _WGMMA_BROKEN.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"refattn: the wgmma forward is unavailable ({type(e).__name__}: {e}); "
+                          "using the mma.sync kernel", RuntimeWarning, stacklevel=2)
     if path == "block":
         if m is None or m.block_q % 128 == 0:
             BM, BN = FWD_TILES[D]
