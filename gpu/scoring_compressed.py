@@ -1,0 +1,385 @@
+"""CuPy launchers for the scoring ops of NSA, ProxyAttn and PBS-Attn (backend ``"cupy"``).
+
+Registered ops, each with the signature, outputs and semantics of its NumPy reference:
+
+* ``nsa_score(q, k, compress_size, stride, block_size, causal, *, out=None)`` ->
+  ``(p_slc [B, Hkv, Sq, Kb], p_cmp [B, Hq, Sq, Nc])`` (``refattn.methods.nsa.nsa_scores``);
+* ``proxyattn_score(q, k, block_size, group_size, stride, causal, *, out=None)`` ->
+  ``(S [B, Hq/group_size, Qb, Kb],)`` (``refattn.methods.proxyattn.proxyattn_proxy_scores``);
+* ``proxyattn_budget_score(q, k, block_size, causal, *, out=None)`` ->
+  ``(a [B, Hq, Qb, Kb],)`` (``proxyattn_budget_scores``);
+* ``pbs_key_importance(q, k, block_size, segment_size, *, out=None)`` ->
+  ``(w [B, Hq, floor(L/s)*s],)`` (``refattn.methods.pbs.pbs_key_importance``);
+* ``pbs_score(q, k_perm, block_size, segment_size, *, out=None)`` -> ``(p [B, Hq, n, n],)``
+  with NaN rows where the reference has them (``pbs_block_scores``).
+
+Inputs, outputs and precision follow ``gpu/scoring.py``: canonical ``bhsd`` NumPy or CuPy
+arrays (anything :func:`refattn.core.layout.as_array` accepts), bf16/fp16/fp32/fp64, GQA;
+NumPy in gives NumPy out, device in gives CuPy out; ``out=`` takes NumPy or CuPy
+float32/float64 arrays. fp32/fp64 inputs are computed in float64 (results float64);
+bf16/fp16 inputs return float32 and, for the token-level products (NSA's compressed
+attention, ProxyAttn's proxy attention, PBS's key importance) with D in {64, 128} on sm_80+,
+run on tensor cores (``gpu/score_compressed.cu``) with fp32 accumulation and softmax.
+Float64 operands of the reference that feed a tensor-core product (NSA's pooled keys,
+ProxyAttn's head-pooled q/k) are split into two 16-bit parts (hi + lo), so the products keep
+about 16 mantissa bits instead of bf16's 8. The pooled block products (ProxyAttn's budget
+estimate, ``pbs_score``) are small (``(S/b)^2 D`` per head) and run in float64 for every
+dtype. See ``docs/gpu.md`` ("Compressed and proxy scoring kernels") for the kernels and
+their speed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cupy as cp
+import numpy as np
+
+from refattn.core.errors import InputError
+from refattn.core.registry import register
+
+from ._build import get_kernel, launch, tensor_cores_available
+from .scoring import _CT, _cdiv, _deliver, _positive, _qk
+
+_SRC = "score_compressed.cu"
+_I32, _I64, _F32, _F64 = np.int32, np.int64, np.float32, np.float64
+_LOG2E = 1.4426950408889634
+
+#: Split NSA's pooled keys into hi + lo 16-bit parts on the tensor-core path (the logits then
+#: match the float64 reference to ~1e-5 relative; False rounds them to the input dtype, which
+#: costs half the tensor-core work and ~bf16 accuracy in the logits).
+NSA_SPLIT = True
+#: Bound on ProxyAttn's scratch (per sampled row and key block: a sum and a max) of one
+#: launch; proxy heads are processed in groups that fit.
+PROXY_SCRATCH_BYTES = 1 << 30
+#: 64-key tiles per CTA of the PBS key-importance kernels (the key axis is split over CTAs).
+PBS_KI_TILES_PER_SPLIT = 16
+#: Largest number of sampled rows per ProxyAttn query block on the tensor-core path.
+PROXY_MAX_ROWS = 4096
+
+
+def _lowp(kind: str) -> bool:
+    return kind in ("bfloat16", "float16")
+
+
+def _tc(kind: str, D: int) -> bool:
+    """Tensor-core path possible: bf16/fp16, D in {64, 128}, sm_80+."""
+    return _lowp(kind) and D in (64, 128) and tensor_cores_available()
+
+
+def _eng_smem(D: int) -> int:
+    """Dynamic shared memory of the QK^T engine: 128 Q rows + 2 x 64 K rows, padded."""
+    return (128 + 2 * 64) * (D + 8) * 2
+
+
+def _finish(x: Any, kind: str) -> Any:
+    """float64 results of the float64 kernels: float32 for bf16/fp16 inputs."""
+    return x.astype(cp.float32) if _lowp(kind) else x
+
+
+# ----------------------------------------------------------------------------------- NSA
+def _nsa_win(kpt: int, pc: int, ps: int) -> int | None:
+    """Ring size (blocks per row) of the NSA bins: live blocks <= (kpt - 2 + pc)//ps + 2."""
+    need = (kpt - 2 + pc) // ps + 2
+    for w in (32, 64, 128):
+        if need <= w:
+            return w
+    return None
+
+
+def nsa_fast_path(kind: str, D: int, compress_size: int, stride: int, block_size: int) -> bool:
+    """True when ``nsa_score`` runs on tensor cores (bf16/fp16, D in {64, 128}, sm_80+, and
+    the selection blocks touched by one key tile fit the bin ring: (kpt - 2 + l/d)//(l'/d)
+    + 2 <= 128)."""
+    kpt = 32 if NSA_SPLIT else 64
+    return (_tc(kind, D) and _nsa_win(kpt, compress_size // stride, block_size // stride) is not None)
+
+
+def _nsa(q: Any, k: Any, compress_size: int, stride: int, block_size: int, causal: bool,
+         want_cmp: bool) -> tuple[Any, Any, bool, str]:
+    qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "nsa_score")
+    cl, cd, lp = (_positive("compress_size", compress_size), _positive("stride", stride),
+                  _positive("block_size", block_size))
+    if cl % cd or lp % cd:
+        raise InputError(f"nsa_score: stride {cd} must divide compress_size {cl} and "
+                         f"block_size {lp}")
+    nc = (Sk - cl) // cd + 1 if Sk >= cl else 0
+    kb = _cdiv(Sk, lp)
+    pc, ps = cl // cd, lp // cd
+    G = Hq // Hkv
+    ct = _CT[kind]
+    scale = 1.0 / math.sqrt(D)
+    causal = bool(causal)
+    if nsa_fast_path(kind, D, cl, cd, lp):
+        ks = 1 if NSA_SPLIT else 0
+        win = _nsa_win(64 >> ks, pc, ps)
+        kc = cp.empty((B, Hkv, max(nc, 1), D << ks), cp.uint16)
+        if nc:
+            launch(get_kernel(_SRC, f"win_mean<{ct}, {ct}>"), (nc, B * Hkv), (128,),
+                   (kd, kc, _I32(Sk), _I32(D), _I32(cl), _I32(cd), _I32(nc), _I32(0), _I32(ks)))
+        p_slc = cp.empty((B, Hkv, Sq, kb), cp.float32)
+        p_cmp = cp.empty((B, Hq, Sq, nc), cp.float32) if want_cmp else cp.empty((1,), cp.float32)
+        fn = get_kernel(_SRC, f"nsa_tc<{ct}, {D}, {ks}, {win}>")
+        launch(fn, (_cdiv(Sq, 128), Hkv, B), (128,),
+               (qd, kc, p_slc, p_cmp, _I32(bool(want_cmp)), _I32(Hq), _I32(G), _I32(Sq), _I32(Sk),
+                _I32(nc), _I32(kb), _I32(cl), _I32(cd), _I32(pc), _I32(ps),
+                _F32(scale * _LOG2E), _I32(causal)),
+               shared_mem=_eng_smem(D) + 128 * (win + 1) * 4)
+        return p_slc, (p_cmp if want_cmp else None), host, kind
+    kcd = cp.empty((B, Hkv, max(nc, 1), D), cp.float64)
+    if nc:
+        launch(get_kernel(_SRC, f"win_mean<{ct}, double>"), (nc, B * Hkv), (128,),
+               (kd, kcd, _I32(Sk), _I32(D), _I32(cl), _I32(cd), _I32(nc), _I32(0), _I32(0)))
+    p_slc = cp.empty((B, Hkv, Sq, kb), cp.float64)
+    p_cmp = cp.empty((B, Hq, Sq, nc), cp.float64)
+    launch(get_kernel(_SRC, f"nsa_exact<{ct}>"), (_cdiv(Sq, 4), Hkv, B), (128,),
+           (qd, kcd, p_slc, p_cmp, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(nc),
+            _I32(kb), _I32(cl), _I32(cd), _I32(pc), _I32(ps), _F64(scale), _I32(causal)),
+           shared_mem=4 * D * 8)
+    return _finish(p_slc, kind), (_finish(p_cmp, kind) if want_cmp else None), host, kind
+
+
+@register("nsa_score", "cupy")
+def nsa_score(q: Any, k: Any, compress_size: int, stride: int, block_size: int, causal: bool,
+              *, out: Any = None) -> tuple[Any, Any]:
+    """NSA selection-block importance with mean-pooled compression (reference
+    ``refattn.methods.nsa.nsa_scores``).
+
+    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``. Returns ``p_slc [B, Hkv, Sq, Kb]`` (eq. 9
+    spread of the compressed attention, summed over each GQA group, ``Kb = ceil(Sk / l')``)
+    and ``p_cmp [B, Hq, Sq, Nc]`` (compressed attention; 0 on blocks a row has not fully
+    seen when ``causal``), ``Nc = floor((Sk - l)/d) + 1`` (0 when ``Sk < l``).
+    """
+    p_slc, p_cmp, host, _ = _nsa(q, k, compress_size, stride, block_size, causal, True)
+    return _deliver((p_slc, p_cmp), out, host, ("p_slc", "p_cmp"))
+
+
+def nsa_block_scores(q: Any, k: Any, compress_size: int, stride: int, block_size: int,
+                     causal: bool) -> Any:
+    """``p_slc`` of :func:`nsa_score` alone (the selection needs only it): the tensor-core
+    kernel then skips writing ``p_cmp``, which is ``l'/d`` times larger (4x at the
+    defaults) and dominates the op's memory traffic. NumPy in -> NumPy out."""
+    p_slc, _, host, _ = _nsa(q, k, compress_size, stride, block_size, causal, False)
+    return p_slc.get() if host else p_slc
+
+
+# ----------------------------------------------------------------------------- ProxyAttn
+def _proxy_bpt(bs: int, kpt: int) -> int | None:
+    """Key blocks per tile (1 when a block spans whole tiles), None if neither divides."""
+    if bs % kpt == 0:
+        return 1
+    if kpt % bs == 0 and bs >= 8:
+        return kpt // bs
+    return None
+
+
+def _proxy_layout(Hq: int, Hkv: int, gs: int) -> tuple[bool, bool]:
+    """(q pooled over >1 head, some proxy head pools >1 kv head)."""
+    G = Hq // Hkv
+    multi_kv = any(((c + 1) * gs - 1) // G > (c * gs) // G for c in range(Hq // gs))
+    return gs > 1, multi_kv
+
+
+def proxyattn_fast_path(kind: str, D: int, block_size: int, group_size: int, stride: int,
+                        Hq: int, Hkv: int) -> bool:
+    """True when ``proxyattn_score`` runs on tensor cores: bf16/fp16, D in {64, 128},
+    sm_80+, ``block_size`` a multiple of the key tile (64, or 32 when the proxy keys pool
+    several kv heads) or one of 8/16/32 dividing it, and at most PROXY_MAX_ROWS sampled rows
+    per block."""
+    _, multi_kv = _proxy_layout(Hq, Hkv, group_size)
+    kpt = 32 if multi_kv else 64
+    rmax = (block_size - 1) // stride + 1
+    return _tc(kind, D) and _proxy_bpt(block_size, kpt) is not None and rmax <= PROXY_MAX_ROWS
+
+
+@register("proxyattn_score", "cupy")
+def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: int,
+                    causal: bool, *, out: Any = None) -> tuple[Any]:
+    """ProxyAttn proxy block scores (reference
+    ``refattn.methods.proxyattn.proxyattn_proxy_scores``).
+
+    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``. Proxy head ``c`` pools query heads
+    ``[c*g, (c+1)*g)`` and the kv heads they read; ``S[b, c, I, J]`` is the mean over the
+    sampled rows of query block ``I`` (its last row and every ``stride``-th row before it) of
+    the proxy head's causal token softmax mass on key block ``J``. Returns ``(S,)``
+    ``[B, Hq/g, Qb, Kb]``.
+    """
+    qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "proxyattn_score")
+    bs, gs, st = (_positive("block_size", block_size), _positive("group_size", group_size),
+                  _positive("stride", stride))
+    if Hq % gs:
+        raise InputError(f"proxyattn_score: group_size must divide Hq={Hq}, got {gs}")
+    C, G = Hq // gs, Hq // Hkv
+    Qb, Kb = _cdiv(Sq, bs), _cdiv(Sk, bs)
+    rmax = (bs - 1) // st + 1
+    ct = _CT[kind]
+    scale = 1.0 / math.sqrt(D)
+    causal = bool(causal)
+    qsplit, ksplit = _proxy_layout(Hq, Hkv, gs)
+    if proxyattn_fast_path(kind, D, bs, gs, st, Hq, Hkv):
+        QS, KS = int(qsplit), int(ksplit)
+        kpt, qpc = 64 >> KS, 128 >> QS
+        bpt = _proxy_bpt(bs, kpt)
+        hm = get_kernel(_SRC, f"head_mean<{ct}, {ct}>")
+        if qsplit:
+            qs = cp.empty((B, C, Sq, 2 * D), cp.uint16)
+            launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
+                   (qd, qs, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(1)))
+            qsrc, q_sb, q_sh, q_rs = qs, C * Sq * 2 * D, Sq * 2 * D, 2 * D
+        else:
+            qsrc, q_sb, q_sh, q_rs = qd, Hq * Sq * D, Sq * D, D
+        if ksplit:
+            kt = cp.empty((B, C, Sk, 2 * D), cp.uint16)
+            launch(hm, (_cdiv(Sk * D, 256), C, B), (256,),
+                   (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(1)))
+            ksrc, k_sb, k_sh, k_rs, kmul, kdiv = kt, C * Sk * 2 * D, Sk * 2 * D, 2 * D, 1, 1
+        else:
+            ksrc, k_sb, k_sh, k_rs, kmul, kdiv = kd, Hkv * Sk * D, Sk * D, D, gs, G
+        nsa = _cdiv(Qb * rmax, qpc) * qpc
+        kba = Kb if bpt == 1 else _cdiv(Sk, kpt) * bpt
+        per_head = (2 * kba + 2) * nsa * 4
+        BC = B * C
+        group = max(1, min(BC, 65535, PROXY_SCRATCH_BYTES // per_head))
+        part = cp.empty((group, kba, nsa), cp.float32)
+        mcs = cp.empty((group, kba, nsa), cp.float32)
+        rst = cp.empty((group, 2, nsa), cp.float32)
+        S = cp.empty((B, C, Qb, Kb), cp.float32)
+        ktile = get_kernel(_SRC, f"proxy_tc<{ct}, {D}, {QS}, {KS}, {bpt}>")
+        kred = get_kernel(_SRC, "proxy_reduce<0>")
+        for bc0 in range(0, BC, group):
+            g = min(group, BC - bc0)
+            launch(ktile, (nsa // qpc, g), (128,),
+                   (qsrc, ksrc, part, mcs, rst, _I64(q_sb), _I64(q_sh), _I32(q_rs), _I64(k_sb),
+                    _I64(k_sh), _I32(k_rs), _I32(kmul), _I32(kdiv), _I32(C), _I32(Sq), _I32(Sk),
+                    _I32(bs), _I32(st), _I32(rmax), _I32(Qb), _I32(nsa), _I32(kba),
+                    _F32(scale * _LOG2E), _I32(causal), _I32(bc0)),
+                   shared_mem=_eng_smem(D))
+            launch(kred, (Qb, g), (256,),
+                   (part, mcs, rst, S, _I32(Sq), _I32(Sk), _I32(bs), _I32(st), _I32(rmax),
+                    _I32(Qb), _I32(Kb), _I32(nsa), _I32(kba), _I32(causal), _I32(bc0)),
+                   shared_mem=3 * rmax * 4)
+        return _deliver((S,), out, host, ("proxy_scores",))
+    hm = get_kernel(_SRC, f"head_mean<{ct}, double>")
+    qt = cp.empty((B, C, Sq, D), cp.float64)
+    kt = cp.empty((B, C, Sk, D), cp.float64)
+    launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
+           (qd, qt, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(0)))
+    launch(hm, (_cdiv(Sk * D, 256), C, B), (256,),
+           (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(0)))
+    S = cp.zeros((B, C, Qb, Kb), cp.float64)
+    launch(get_kernel(_SRC, "proxy_exact<0>"), (_cdiv(Qb * rmax, 4), B * C), (128,),
+           (qt, kt, S, _I32(Sq), _I32(Sk), _I32(D), _I32(bs), _I32(st), _I32(rmax), _I32(Qb),
+            _I32(Kb), _F64(scale), _I32(causal)), shared_mem=4 * D * 8)
+    return _deliver((_finish(S, kind),), out, host, ("proxy_scores",))
+
+
+def _pool(xd: Any, kind: str, block: int, true_len: bool) -> Any:
+    """float64 block means ``[B, H, ceil(S/block), D]`` (true length or zero padding)."""
+    B, H, S, D = xd.shape
+    n = _cdiv(S, block)
+    out = cp.empty((B, H, n, D), cp.float64)
+    launch(get_kernel(_SRC, f"win_mean<{_CT[kind]}, double>"), (n, B * H), (128,),
+           (xd, out, _I32(S), _I32(D), _I32(block), _I32(block), _I32(n), _I32(bool(true_len)),
+            _I32(0)))
+    return out
+
+
+def _pooled_softmax(z: Any, mode: int, Sq: int, Sk: int, bs: int, mseg: int, causal: bool,
+                    scale: float) -> Any:
+    B, H, nq, nk = z.shape
+    out = cp.empty_like(z)
+    rows = B * H * nq
+    launch(get_kernel(_SRC, f"pooled_softmax<{mode}>"), (_cdiv(rows, 4),), (128,),
+           (z, out, _I32(nq), _I32(nk), _I32(Sq), _I32(Sk), _I32(bs), _I32(mseg),
+            _I32(bool(causal)), _F64(scale), _I64(rows)))
+    return out
+
+
+@register("proxyattn_budget_score", "cupy")
+def proxyattn_budget_score(q: Any, k: Any, block_size: int, causal: bool, *,
+                           out: Any = None) -> tuple[Any]:
+    """Per-head pooled block attention for ProxyAttn's budgets (reference
+    ``proxyattn_budget_scores``): ``a[h, I, :] = softmax_J(mean_I q . mean_J k / sqrt(D))``
+    over the causally legal blocks (true-length means; a row without a legal block is 0).
+    Float64 block means, cuBLAS float64 product, one warp per row for the softmax.
+    Returns ``(a,)`` ``[B, Hq, Qb, Kb]``."""
+    qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "proxyattn_budget_score")
+    bs = _positive("block_size", block_size)
+    qm, km = _pool(qd, kind, bs, True), _pool(kd, kind, bs, True)
+    G, nq, nk = Hq // Hkv, qm.shape[2], km.shape[2]
+    z = cp.matmul(qm.reshape(B, Hkv, G * nq, D), km.transpose(0, 1, 3, 2))
+    a = _pooled_softmax(z.reshape(B, Hq, nq, nk), 0, Sq, Sk, bs, 1, causal, 1.0 / math.sqrt(D))
+    return _deliver((_finish(a, kind),), out, host, ("budget_scores",))
+
+
+# ----------------------------------------------------------------------------------- PBS
+def pbs_key_importance_fast_path(kind: str, D: int) -> bool:
+    """True when ``pbs_key_importance`` runs on tensor cores (bf16/fp16, D in {64, 128})."""
+    return _tc(kind, D)
+
+
+@register("pbs_key_importance", "cupy")
+def pbs_key_importance(q: Any, k: Any, block_size: int, segment_size: int, *,
+                       out: Any = None) -> tuple[Any]:
+    """PBS key importance (reference ``refattn.methods.pbs.pbs_key_importance``):
+    ``w[t] = mean over the last min(b, L) queries of softmax_t(q . k_t / sqrt(D))`` over the
+    keys of the complete segments (``t < floor(L/s)*s``), no causal mask. Returns ``(w,)``
+    ``[B, Hq, floor(L/s)*s]``."""
+    qd, kd, kind, host, (B, Hq, Hkv, L, Lk, D) = _qk(q, k, "pbs_key_importance")
+    if Lk != L:
+        raise InputError(f"pbs_key_importance: q_len and k_len must be equal, got {L} and {Lk}")
+    b, s = _positive("block_size", block_size), _positive("segment_size", segment_size)
+    T = (L // s) * s
+    ell = min(b, L)
+    G = Hq // Hkv
+    ct = _CT[kind]
+    scale = 1.0 / math.sqrt(D)
+    if T == 0:
+        w = cp.empty((B, Hq, 0), cp.float32 if _lowp(kind) else cp.float64)
+        return _deliver((w,), out, host, ("key_importance",))
+    if pbs_key_importance_fast_path(kind, D):
+        tps = PBS_KI_TILES_PER_SPLIT
+        nsplit, nrt = _cdiv(_cdiv(T, 64), tps), _cdiv(ell, 128)
+        ella = nrt * 128
+        stM = cp.empty((B * Hq, nsplit, ella), cp.float32)
+        stL = cp.empty((B * Hq, nsplit, ella), cp.float32)
+        w = (cp.zeros if nrt > 1 else cp.empty)((B, Hq, T), cp.float32)
+        args = (qd, kd, stM, stL, w, _I32(Hq), _I32(G), _I32(L), _I32(ell), _I32(T),
+                _I32(nsplit), _I32(tps), _I32(ella), _F32(scale * _LOG2E), _I32(nrt > 1))
+        for mode in (0, 1):
+            launch(get_kernel(_SRC, f"pbs_ki_tc<{ct}, {D}, {mode}>"), (nsplit, nrt, B * Hq),
+                   (128,), args, shared_mem=_eng_smem(D))
+        return _deliver((w,), out, host, ("key_importance",))
+    w = cp.zeros((B, Hq, T), cp.float64)
+    launch(get_kernel(_SRC, f"pbs_ki_exact<{ct}>"), (_cdiv(ell, 4), B * Hq), (128,),
+           (qd, kd, w, _I32(Hq), _I32(G), _I32(L), _I32(D), _I32(ell), _I32(T), _F64(scale)),
+           shared_mem=4 * D * 8)
+    return _deliver((_finish(w, kind),), out, host, ("key_importance",))
+
+
+@register("pbs_score", "cupy")
+def pbs_score(q: Any, k_perm: Any, block_size: int, segment_size: int, *,
+              out: Any = None) -> tuple[Any]:
+    """PBS block probabilities on permuted keys (reference
+    ``refattn.methods.pbs.pbs_block_scores``): zero-padded block means of q and ``k_perm``
+    (both ``[B, Hq, L, D]``), ``z = q_I . k'_J / sqrt(D)`` allowed off the diagonal segment
+    and block-causal, softmax over J; rows without an allowed block (segment 0) are NaN.
+    Float64 throughout. Returns ``(p,)`` ``[B, Hq, n, n]``, ``n = ceil(L / b)``."""
+    qd, kd, kind, host, (B, Hq, Hk, L, Lk, D) = _qk(q, k_perm, "pbs_score")
+    if Hk != Hq or Lk != L:
+        raise InputError(f"pbs_score: k_perm must be [B, Hq, L, D] like q (one permuted key "
+                         f"sequence per query head), got q {tuple(qd.shape)}, k_perm "
+                         f"{tuple(kd.shape)}")
+    b, s = _positive("block_size", block_size), _positive("segment_size", segment_size)
+    mseg = s // b
+    if mseg < 1:
+        raise InputError(f"segment_size: must be at least block_size={b}, got {s}")
+    qm, km = _pool(qd, kind, b, False), _pool(kd, kind, b, False)
+    z = cp.matmul(qm, km.transpose(0, 1, 3, 2))
+    p = _pooled_softmax(z, 1, L, L, b, mseg, True, 1.0 / math.sqrt(D))
+    return _deliver((_finish(p, kind),), out, host, ("block_scores",))
+
+
+__all__ = ["nsa_score", "nsa_block_scores", "proxyattn_score", "proxyattn_budget_score",
+           "pbs_key_importance", "pbs_score", "nsa_fast_path", "proxyattn_fast_path",
+           "pbs_key_importance_fast_path"]
