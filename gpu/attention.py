@@ -22,6 +22,10 @@ Which kernel runs (all agree with the float64 reference within the DESIGN tolera
   D == Dv in {64, 128}, 16-bit inputs: ``attn_fwd_wgmma.cu`` (wgmma + TMA, warp-specialised,
   compiled for sm_90a), over the same index form; anything it cannot take, or a failure to
   build it, falls back to the mma.sync kernel.
+* Hopper (sm_90), backward, when ``REFATTN_WGMMA_BWD`` (default :data:`WGMMA_BWD_DEFAULT`) is
+  not "0": dense, or block_q % 64 == 0 and block_k % 128 == 0, D == Dv == 128, 16-bit inputs:
+  ``attn_bwd_wgmma.cu`` (wgmma + TMA, warp-specialised, sm_90a) over the transposed index
+  form; anything else, or a failure to build it, falls back to the mma.sync backward.
 
 Causal is bottom-right aligned. A row that sees no key gets output 0 and LSE -inf.
 """
@@ -416,6 +420,88 @@ def _fwd_wgmma(qd: _Dev, kd: _Dev, vd: _Dev, shape: AttnShape, m: BlockMask | No
            + idx_args + (np.int32(bq), np.int32(bk)), wgmma_smem(D, BN, st))
 
 
+# ----------------------------------------------------------------------------- wgmma backward
+#: Value of ``REFATTN_WGMMA_BWD`` when unset: "1" runs the Hopper wgmma backward
+#: (``attn_bwd_wgmma.cu``), "0" keeps the mma.sync backward. On since the H200 probe
+#: (``scripts/probe_wgmma.py --only bwd,bwdbench``) passed every case and measured 1.5-1.6x
+#: the mma.sync backward (docs/gpu_notes.md, "v-wgmma-bwd").
+WGMMA_BWD_DEFAULT = "1"
+#: Tunables of the wgmma backward: depth of the Q / dO ring (2 or 3).
+WGMMA_BWD_CONFIG: dict[str, Any] = {"stages": 3}
+_WGMMA_BWD_BROKEN: list[str] = []  # a build failure, remembered: the path then stays off
+
+
+def wgmma_bwd_enabled() -> bool:
+    """``REFATTN_WGMMA_BWD`` (default :data:`WGMMA_BWD_DEFAULT`) is not "0", the device is
+    sm_90 and no earlier build of the backward kernel failed."""
+    if (os.environ.get("REFATTN_WGMMA_BWD", WGMMA_BWD_DEFAULT).strip() == "0"
+            or _WGMMA_BWD_BROKEN):
+        return False
+    try:
+        return device_cc() == 90
+    except Exception:  # pragma: no cover - no device
+        return False
+
+
+def _wgmma_bwd_fits(q: _Dev, shape: AttnShape, mask: BlockMask | None) -> bool:
+    if q.kind not in ("float16", "bfloat16") or shape.head_dim != shape.v_dim:
+        return False
+    if shape.head_dim != 128:
+        return False
+    return mask is None or (mask.block_q % 64 == 0 and mask.block_k % 128 == 0)
+
+
+def wgmma_bwd_kernel(T: str, D: int, stages: int | None = None) -> tuple[Any, str]:
+    """The wgmma backward kernel and its template name (``T`` a C++ type name)."""
+    st = WGMMA_BWD_CONFIG["stages"] if stages is None else stages
+    name = f"attn_bwd_wgmma<{T}, {D}, {st}>"
+    return get_kernel("attn_bwd_wgmma.cu", name), name
+
+
+def wgmma_bwd_smem(D: int, stages: int) -> int:
+    return 1024 + 2 * 128 * D * 2 + stages * 2 * 64 * D * 2 + 2 * 128 * 64 * 2
+
+
+def _tensor_maps_boxes(pairs: tuple[tuple[_Dev, int], ...]) -> Any:
+    """Tensor maps of ``(array, box rows)`` pairs, concatenated in one device buffer (128
+    bytes each), cached by geometry as :func:`_tensor_maps`."""
+    key = ("boxes",) + tuple((d.raw.data.ptr, d.shape, d.strides(), d.kind, r) for d, r in pairs)
+    hit = _TMAPS.get(key)
+    if hit is not None:
+        _TMAPS.move_to_end(key)
+        return hit
+    host = b"".join(tensor_map(d, r) for d, r in pairs)
+    dev = cp.asarray(np.frombuffer(host, dtype=np.uint8))
+    _TMAPS[key] = dev
+    while len(_TMAPS) > 16:
+        _TMAPS.popitem(last=False)
+    return dev
+
+
+def _bwd_wgmma(qd: _Dev, kd: _Dev, vd: _Dev, dod: _Dev, shape: AttnShape, m: BlockMask | None,
+               lse32: Any, delta: Any, dq: Any, dk: Any, dv: Any, scale: float, cz: Any, *,
+               stages: int | None = None) -> None:
+    """Launch ``attn_bwd_wgmma`` (the caller checked :func:`_wgmma_bwd_fits`; ``dq`` zeroed,
+    ``dod`` the 16-bit dO, contiguous)."""
+    B, Hq, Hkv, Sq, Sk, D = (shape.batch, shape.q_heads, shape.kv_heads, shape.q_len,
+                             shape.k_len, shape.head_dim)
+    st = WGMMA_BWD_CONFIG["stages"] if stages is None else stages
+    fn, _ = wgmma_bwd_kernel(_CT[qd.kind], D, st)
+    try:
+        maps = _tensor_maps_boxes(((qd, 64), (kd, 128), (vd, 128), (dod, 64)))
+    except RuntimeError as e:  # the driver refused this geometry: fall back for this call only
+        raise ValueError(str(e)) from e
+    if m is None:
+        t_args = (_NULL, _NULL, np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int32(0),
+                  np.int32(64), np.int32(128))
+    else:
+        t_args = _index_args(m, transpose=True) + (np.int32(m.block_q), np.int32(m.block_k))
+    launch(fn, (-(-Sk // 128), Hkv, B), (384,),
+           (maps, lse32, delta, dq, dk, dv, np.int32(Hq), np.int32(Hkv), np.int32(Sq),
+            np.int32(Sk), np.float32(scale), np.float32(scale * LOG2E), cz) + t_args,
+           wgmma_bwd_smem(D, st))
+
+
 # ----------------------------------------------------------------------------- forward
 def attention_fwd(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False,
                   scale: float | None = None, *, out: tuple[Any, Any] | None = None
@@ -583,6 +669,17 @@ def attention_bwd(q: Any, k: Any, v: Any, o: Any, do: Any, lse: Any, mask: Any =
     dq = cp.zeros((B, Hq, Sq, D), cp.float32)
     dk = cp.empty((B, Hkv, Sk, D), cp.float32)
     dv = cp.empty((B, Hkv, Sk, Dv), cp.float32)
+    if path == "block" and wgmma_bwd_enabled() and _wgmma_bwd_fits(qd, shape, m):
+        try:
+            _bwd_wgmma(qd, kd, vd, do16, shape, m, lse32, delta, dq, dk, dv, scale, cz)
+            return _deliver((dq, dk, dv), out, host)
+        except ValueError:  # a geometry TMA cannot describe: this call only
+            pass
+        except Exception as e:  # build or driver failure: stay on the mma.sync kernel
+            _WGMMA_BWD_BROKEN.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"refattn: the wgmma backward is unavailable ({type(e).__name__}: "
+                          f"{e}); using the mma.sync kernel", RuntimeWarning, stacklevel=2)
+        dq.fill(0)
     BN = BWD_BN if (m is None or m.block_k % BWD_BN == 0) else 64
     smem = ((2 * BN + 2 * 64) * (D + 8) + BN * 72) * 2 + 2 * 64 * 12
     common = ((qd.raw, kd.raw, vd.raw, do16.raw, lse32, delta, dq, dk, dv) + strides +

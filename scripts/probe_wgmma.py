@@ -15,6 +15,15 @@ localise a failure:
            partial blocks, GQA, Sq != Sk, empty rows, D = 64, fp16) for every variant
            (stages 2 / 3, overlap on / off); the mma.sync kernel's error on the same case
            is printed beside it
+  bwd      the wgmma backward (``gpu/attn_bwd_wgmma.cu``): its build (registers, spills), a
+           unit probe of the dQ product (SS wgmma with both operands MN-major: trans-a and
+           trans-b), then dq, dk, dv against the float64 reference on the fwd stage's D = 128
+           cases (and backward-specific ones: block_q 64, block_k 256, Sq > Sk, GQA) for ring
+           depths 2 and 3, with the mma.sync backward's error beside each, and localised
+           diagnostics (which keys of the 128-key tile / which query rows and d columns)
+  bwdbench S = 8192 and 32768 (as bench): mma.sync backward, wgmma backward (st 2 / 3, whole
+           call and kernel only), its max |diff| to mma.sync, the wgmma forward (for the
+           bwd / fwd ratio) and SDPA flash / cuDNN dense causal backward when torch exists
   bench    S = 8192 and 32768, H = 32, D = 128, bf16, causal, causal-ish 128x128 block masks
            at density 0.1 / 0.3 / 1.0 (and mask=None): the mma.sync kernel, every wgmma
            variant (with its max |diff| to mma.sync), FlexAttention and SDPA cuDNN when torch
@@ -24,7 +33,8 @@ Each stage runs in its own subprocess with a timeout, so a hang (a pipeline dead
 sticky CUDA error in one stage cannot take down the others; a stage never stops at a wrong
 result, it prints it and goes on. Lines starting with ``RESULT`` are the summary.
 
-Usage: PYTHONPATH=. python3 scripts/probe_wgmma.py [--stage NAME] [--no-torch] [--seq ...]
+Usage: PYTHONPATH=. python3 scripts/probe_wgmma.py [--only fwd,bwd,...] [--stage NAME] [--no-torch]
+       [--seq ...] [--density ...]
 """
 from __future__ import annotations
 
@@ -43,7 +53,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-STAGES = {"feature": 150, "ss": 90, "rs": 90, "tma": 90, "fwd": 200, "bench": 300}
+STAGES = {"feature": 150, "ss": 90, "rs": 90, "tma": 90, "fwd": 200, "bench": 300, "bwd": 180,
+          "bwdbench": 240}
+BWD_STAGES = (2, 3)  # depths of the Q / dO ring of the wgmma backward
 VARIANTS = [(2, True), (2, False), (3, True), (3, False)]  # (stages, overlap)
 
 
@@ -475,11 +487,320 @@ def stage_bench(args) -> None:
         cp.get_default_memory_pool().free_all_blocks()
 
 
+# ----------------------------------------------------------------------------- backward
+def _bwd_cases():
+    """(name, dtype, B, Hq, Hkv, Sq, Sk, causal, mask builder or None); D = 128."""
+    from refattn.core.blockmask import BlockMask, num_blocks
+
+    def rmask(rng, B, H, Sq, Sk, bq, bk, dens, empty_rows=True):
+        qb, kb = num_blocks(Sq, bq), num_blocks(Sk, bk)
+        m = rng.random((B, H, qb, kb)) < dens
+        if empty_rows and qb > 1:
+            m[:, :, rng.integers(qb)] = False
+        return BlockMask(m, block_q=bq, block_k=bk, q_len=Sq, k_len=Sk)
+
+    return [
+        ("dense 256x256 exact tiles", "bf16", 1, 2, 2, 256, 256, False, None),
+        ("dense causal 256x256", "bf16", 1, 2, 2, 256, 256, True, None),
+        ("dense GQA partial 203x333", "bf16", 2, 4, 2, 203, 333, False, None),
+        ("dense causal GQA partial 203x333", "bf16", 2, 4, 2, 203, 333, True, None),
+        ("dense causal fp16 203x333", "fp16", 2, 4, 2, 203, 333, True, None),
+        ("causal Sq>Sk 300x130 (empty rows)", "bf16", 1, 2, 1, 300, 130, True, None),
+        ("causal Sq<Sk 130x300", "bf16", 1, 2, 1, 130, 300, True, None),
+        ("long dense causal 1000x1000 GQA 4:1", "bf16", 1, 4, 1, 1000, 1000, True, None),
+        ("block 128x128 700x900", "bf16", 2, 4, 2, 700, 900, False,
+         lambda r: rmask(r, 2, 4, 700, 900, 128, 128, 0.3)),
+        ("block 128x128 causal 700x900", "bf16", 2, 4, 2, 700, 900, True,
+         lambda r: rmask(r, 2, 4, 700, 900, 128, 128, 0.3)),
+        ("block 64x128 causal 700x900 (block_q 64)", "bf16", 2, 4, 2, 700, 900, True,
+         lambda r: rmask(r, 2, 4, 700, 900, 64, 128, 0.3)),
+        ("block 128x256 causal 700x900 (block_k 256)", "fp16", 2, 4, 2, 700, 900, True,
+         lambda r: rmask(r, 2, 4, 700, 900, 128, 256, 0.4)),
+        ("block 256x128 fp16 700x900", "fp16", 2, 4, 2, 700, 900, False,
+         lambda r: rmask(r, 2, 4, 700, 900, 256, 128, 0.4)),
+        ("block kv-head mask causal 512x640", "bf16", 2, 4, 2, 512, 640, True,
+         lambda r: BlockMask(r.random((2, 2, 4, 5)) < 0.5, block_q=128, block_k=128, q_len=512,
+                             k_len=640, head_kind="kv")),
+        ("block broadcast mask 512x640", "bf16", 2, 4, 2, 512, 640, False,
+         lambda r: BlockMask(r.random((1, 1, 4, 5)) < 0.5, block_q=128, block_k=128, q_len=512,
+                             k_len=640)),
+        ("block empty mask", "bf16", 1, 2, 1, 256, 256, False,
+         lambda r: BlockMask(np.zeros((1, 2, 2, 2), bool), block_q=128, block_k=128, q_len=256,
+                             k_len=256)),
+    ]
+
+
+def _bwd_where(name, got, ref) -> None:
+    """Localise the wrong elements of dq [B,H,Sq,D] or dk / dv [B,Hkv,Sk,D]."""
+    scale = max(np.abs(ref).max(initial=0.0), 1e-30)
+    bad = np.abs(got - ref) > 0.05 * scale
+    if not bad.any():
+        log(f"      {name}: no element off by > 5% of max|ref| (a small systematic error)")
+        return
+    rows = np.nonzero(bad.any(axis=(0, 1, 3)))[0]
+    cols = np.nonzero(bad.any(axis=(0, 1, 2)))[0]
+    if name == "dq":
+        r = rows % 64
+        log(f"      dq: {bad.sum()} bad; rows (first 12) {rows[:12]}; by warp-of-64 "
+            f"{np.bincount(r // 16, minlength=4)}, by row-in-16 {np.bincount(r % 16, minlength=16)}; "
+            f"by d half (consumer wg) {np.bincount(cols // 64, minlength=2)}; cols {cols[:16]}")
+    else:
+        r = rows % 128
+        log(f"      {name}: {bad.sum()} bad; keys (first 12) {rows[:12]}; by consumer wg "
+            f"{np.bincount(r // 64, minlength=2)}, by warp {np.bincount((r // 16) % 4, minlength=4)}, "
+            f"by key-in-16 {np.bincount(r % 16, minlength=16)}; by key tile {np.bincount(rows // 128)}; "
+            f"cols {cols[:16]}")
+    bh = np.nonzero(bad.any(axis=(2, 3)))
+    log(f"      {name}: bad (b, h) pairs {list(zip(bh[0].tolist(), bh[1].tolist(), strict=True))[:8]}")
+    i = tuple(np.argwhere(bad)[0])
+    log(f"      {name}{list(i)} got {got[i]:.5g} want {ref[i]:.5g}")
+
+
+def stage_bwd(args) -> None:
+    cp, ml_dtypes, _build, ga = _setup()
+    from refattn.core.registry import dispatch
+    from refattn.reference.attention import attention_backward, attention_forward
+
+    log(f"options for attn_bwd_wgmma.cu: {_build.compile_options('attn_bwd_wgmma.cu')}")
+    # ---- build
+    try:
+        fn = _build.get_kernel("attn_bwd_wgmma.cu", "wgmma_bwd_feature_probe")
+        out = cp.zeros(2, cp.int32)
+        fn((1,), (32,), (out,))
+        o = out.get()
+        result("bwd", "sm_90a feature macro (attn_bwd_wgmma.cu)", bool(o[0] == 1),
+               f"REFATTN_SM90A={o[0]} __CUDA_ARCH__={o[1]}")
+    except Exception as e:
+        result("bwd", "build wgmma_bwd_feature_probe", False, f"{type(e).__name__}: {str(e)[:2000]}")
+        return
+    for T, st in (("__nv_bfloat16", 2), ("__half", 2), ("__nv_bfloat16", 3)):
+        t0 = time.time()
+        try:
+            fn, nm = ga.wgmma_bwd_kernel(T, 128, st)
+            result("bwd", f"build {nm}", fn.local_size_bytes == 0,
+                   f"regs {fn.num_regs} local {fn.local_size_bytes} B static smem "
+                   f"{fn.shared_size_bytes} dyn smem {ga.wgmma_bwd_smem(128, st)} ({time.time() - t0:.1f} s)")
+        except Exception as e:
+            result("bwd", f"build {T} st={st}", False, f"{type(e).__name__}: {str(e)[:2000]}")
+            return
+    # ---- unit probe of the dQ product: C = A B, A given as At [K][64], B [K][64], both MN-major
+    rng = np.random.default_rng(7)
+    K = 128
+    for kind in ("bf16", "fp16"):
+        for pattern in ("random", "onehot"):
+            if pattern == "random":
+                At = rng.standard_normal((K, 64)).astype(np.float32)
+                Bm = rng.standard_normal((K, 64)).astype(np.float32)
+            else:  # A[i, k] = (k == i): C[i, n] = B[i, n]; B[k, n] = k + n / 256
+                At = np.zeros((K, 64), np.float32)
+                At[np.arange(64), np.arange(64)] = 1
+                Bm = (np.arange(K)[:, None] + np.arange(64)[None, :] / 256.0).astype(np.float32)
+            Ah, Ar = _to16(At, kind, ml_dtypes)
+            Bh, Br = _to16(Bm, kind, ml_dtypes)
+            ref = Ah.astype(np.float64).T @ Bh.astype(np.float64)
+            what = f"TT (trans-a, trans-b) {kind} m64n64 K={K} {pattern}"
+            try:
+                fn = _build.get_kernel("attn_bwd_wgmma.cu", f"wgmma_probe_tt<{CT[kind]}, {K}>")
+                C = cp.full((64, 64), cp.nan, cp.float32)
+                _build.launch(fn, (1,), (128,), (cp.asarray(Ar), cp.asarray(Br), C), 2 * K * 128 + 1024)
+                got = C.get()
+                err = np.abs(got - ref).max()
+                ok = bool(np.isfinite(got).all() and err <= 1e-3 * max(1.0, np.abs(ref).max()))
+                result("bwd", what, ok, f"max err {err:.3g}")
+                if not ok:
+                    _explain(got, ref, "rs-" + pattern, "row i of C (query), column n (d)")
+                    if pattern == "onehot":
+                        for i, n in np.argwhere(~np.isclose(got, ref, rtol=1e-2, atol=1e-2))[:6]:
+                            g = got[i, n]
+                            if np.isfinite(g):
+                                log(f"      C[{i},{n}] ~ B[{int(math.floor(g))}, "
+                                    f"{round((g - math.floor(g)) * 256)}]")
+            except Exception as e:
+                result("bwd", what, False, f"{type(e).__name__}: {str(e)[:500]}")
+    # ---- whole backward against the float64 reference
+    bwd = dispatch("attention_bwd", "cupy")
+    calls = {"n": 0}
+    real = ga._bwd_wgmma
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    ga._bwd_wgmma = counting
+    tol = {"bf16": 3e-2, "fp16": 5e-3}
+    D = 128
+    for ci, (name, kind, B, Hq, Hkv, Sq, Sk, causal, mk) in enumerate(_bwd_cases()):
+        rng = np.random.default_rng(300 + ci)
+        q, k, v = (rng.standard_normal(s_).astype(np.float32)
+                   for s_ in ((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D)))
+        q, k, v = (_to16(x, kind, ml_dtypes)[0] for x in (q, k, v))
+        mask = mk(rng) if mk else None
+        scale = 1 / math.sqrt(D)
+        o, lse = attention_forward(q, k, v, mask, causal, scale)
+        do = _to16(rng.standard_normal(o.shape).astype(np.float32), kind, ml_dtypes)[0]
+        refs = attention_backward(q, k, v, o, do, lse, mask, causal, scale)
+        dargs = [cp.asarray(x) for x in (q, k, v, o.astype(np.float32), do, lse.astype(np.float32))]
+
+        def run(env, dargs=dargs, mask=mask, causal=causal, scale=scale):
+            os.environ["REFATTN_WGMMA_BWD"] = env
+            outs = tuple(cp.full(x.shape, cp.nan, cp.float32) for x in dargs[:3])
+            bwd(*dargs, mask, causal, scale, out=outs)
+            return [x.get() for x in outs]
+
+        def rels(got, refs=refs):
+            out = []
+            for g_, r_ in zip(got, refs, strict=True):
+                nr = np.linalg.norm(r_)
+                out.append(float(np.linalg.norm(g_ - r_) / nr) if nr > 0 else
+                           (0.0 if np.abs(g_).max(initial=0.0) == 0 else float("inf")))
+            return out
+
+        try:
+            base = rels(run("0"))
+        except Exception as e:
+            base = [float("nan")] * 3
+            log(f"      mma.sync backward failed: {e}")
+        for st in BWD_STAGES:
+            ga.WGMMA_BWD_CONFIG["stages"] = st
+            what = f"{name} [{kind} st={st}]"
+            try:
+                n0 = calls["n"]
+                t0 = time.time()
+                got = run("1")
+                took = time.time() - t0
+                used = calls["n"] > n0 and not ga._WGMMA_BWD_BROKEN
+                nan = any(bool(np.isnan(g_).any()) for g_ in got)
+                rr = rels(got)
+                ok = used and not nan and all(
+                    r_ <= tol[kind] and r_ <= 2 * b_ + 1e-3 for r_, b_ in zip(rr, base, strict=True))
+                result("bwd", what, ok,
+                       "rel " + " ".join(f"{nm} {r_:.2g} ({b_:.2g})" for nm, r_, b_ in
+                                         zip(("dq", "dk", "dv"), rr, base, strict=True))
+                       + ("" if used else " NOT-ON-WGMMA-PATH " + "; ".join(ga._WGMMA_BWD_BROKEN))
+                       + (" NaN" if nan else "")
+                       + (" SLOW(>1.5s: barrier timeout?)" if took > 1.5 else ""))
+                if not ok and used:
+                    for nm, g_, r_ in zip(("dq", "dk", "dv"), got, refs, strict=True):
+                        _bwd_where(nm, np.nan_to_num(g_, nan=1e30), r_)
+            except Exception as e:
+                result("bwd", what, False, f"{type(e).__name__}: {str(e)[:500]}")
+            if ga._WGMMA_BWD_BROKEN:
+                log("      (path marked broken; stopping this stage)")
+                return
+    ga.WGMMA_BWD_CONFIG["stages"] = 2
+    log("(rel = relative L2 error against float64; in parentheses the mma.sync backward's)")
+
+
+def stage_bwdbench(args) -> None:
+    cp, ml_dtypes, _build, ga = _setup()
+    import bench_gpu as bg
+
+    from refattn.core.registry import dispatch
+
+    torch = None if args.no_torch else bg.torch
+    bg.torch = torch
+    fwd = dispatch("attention_fwd", "cupy")
+    bwd = dispatch("attention_bwd", "cupy")
+    H, D, B = 32, 128, 1
+    rng = np.random.default_rng(0)
+    it = max(3, args.iters)
+    for S in args.seq:
+        log(f"\n== backward: S = {S}, H = {H}, D = {D}, bf16, causal, block 128 ==")
+        qf = cp.random.standard_normal((4, B, H, S, D), dtype=cp.float32)
+        bits = qf.view(cp.uint32)
+        bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
+        del qf, bits
+        try:
+            bf = bf.view(ml_dtypes.bfloat16)
+        except Exception:
+            bf = cp.asarray(bf.get().view(ml_dtypes.bfloat16))
+        q, k, v, do = bf[0], bf[1], bf[2], bf[3]
+        dense_flops = 4.0 * B * H * D * (S * (S + 1) // 2)
+        if torch is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+            for nm, be in (("SDPA flash (FA2)", SDPBackend.FLASH_ATTENTION),
+                           ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    tq2, tk2, tv2 = (x.detach().clone().requires_grad_(True) for x in (tq, tk, tv))
+                    with sdpa_kernel([be]):
+                        o_t = torch.nn.functional.scaled_dot_product_attention(tq2, tk2, tv2, is_causal=True)
+                        go = torch.randn_like(o_t)
+                        ms = bg.timeit(torch.autograd.grad, it, o_t, (tq2, tk2, tv2), go,
+                                       retain_graph=True)
+                    result("bwdbench", f"S={S} {nm} dense causal bwd", None,
+                           f"{ms:8.3f} ms {2.5 * dense_flops / ms / 1e9:6.1f} TFLOP/s")
+                    del tq2, tk2, tv2, o_t, go
+                except Exception as e:
+                    log(f"  {nm} bwd failed: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+        for dens in list(args.density) + ["none"]:
+            if dens == "none":
+                mask, flops, label = None, dense_flops, "mask=None"
+            else:
+                mask = bg.causalish_mask(rng, H, S, 128, dens)
+                flops = 4.0 * D * bg.visible_pairs_blockmask(mask, True)
+                label = f"density {mask.density(causal=True):.3f}"
+            os.environ["REFATTN_WGMMA"] = "1"
+            o, lse = fwd(q, k, v, mask, True, None)
+            ms_f = bg.timeit(fwd, it, q, k, v, mask, True, None)
+            result("bwdbench", f"S={S} {label} wgmma fwd (reference point)", None,
+                   f"{ms_f:8.3f} ms {flops / ms_f / 1e9:6.1f} TFLOP/s")
+            os.environ["REFATTN_WGMMA_BWD"] = "0"
+            ref = bwd(q, k, v, o, do, lse, mask, True, None)
+            ms = bg.timeit(bwd, it, q, k, v, o, do, lse, mask, True, None)
+            result("bwdbench", f"S={S} {label} mma.sync bwd", None,
+                   f"{ms:8.3f} ms {2.5 * flops / ms / 1e9:6.1f} TFLOP/s")
+            for st in BWD_STAGES:
+                ga.WGMMA_BWD_CONFIG["stages"] = st
+                os.environ["REFATTN_WGMMA_BWD"] = "1"
+                what = f"S={S} {label} wgmma bwd st={st}"
+                try:
+                    got = bwd(q, k, v, o, do, lse, mask, True, None)
+                    diffs = [float(cp.abs(g_ - r_).max() / max(float(cp.abs(r_).max()), 1e-30))
+                             for g_, r_ in zip(got, ref, strict=True)]
+                    del got
+                    ms = bg.timeit(bwd, it, q, k, v, o, do, lse, mask, True, None)
+                    ok = max(diffs) < 2e-2 and not ga._WGMMA_BWD_BROKEN
+                    result("bwdbench", what, ok,
+                           f"{ms:8.3f} ms {2.5 * flops / ms / 1e9:6.1f} TFLOP/s  "
+                           f"bwd/fwd {ms_f * 2.5 / ms:5.2f}  max|diff|/max|ref| dq {diffs[0]:.2g} "
+                           f"dk {diffs[1]:.2g} dv {diffs[2]:.2g}")
+                    # the kernel alone (no Delta, casts, dq zeroing)
+                    qd, kd, vd = (ga._kernel_ready(ga._to_device(x, n)) for x, n in
+                                  ((q, "q"), (k, "k"), (v, "v")))
+                    dod = ga._cast(ga._to_device(do, "do"), qd.kind)
+                    shape = ga._shape(qd, kd, vd)
+                    m = ga._prepare(mask, shape)
+                    lse32 = ga._f32(lse, "lse")
+                    delta = cp.zeros_like(lse32)
+                    dq = cp.zeros(q.shape, cp.float32)
+                    dk = cp.empty(k.shape, cp.float32)
+                    dv = cp.empty(v.shape, cp.float32)
+                    ms_k = bg.timeit(ga._bwd_wgmma, it, qd, kd, vd, dod, shape, m, lse32, delta, dq,
+                                     dk, dv, 1 / math.sqrt(D), np.int32(1))
+                    result("bwdbench", what + " kernel only", None,
+                           f"{ms_k:8.3f} ms {2.5 * flops / ms_k / 1e9:6.1f} TFLOP/s")
+                    del dq, dk, dv, dod, delta
+                except Exception as e:
+                    result("bwdbench", what, False, f"{type(e).__name__}: {str(e)[:300]}")
+            ga.WGMMA_BWD_CONFIG["stages"] = 2
+            os.environ["REFATTN_WGMMA_BWD"] = "0"
+            del ref, o, lse
+            cp.get_default_memory_pool().free_all_blocks()
+        del q, k, v, do, bf
+        ga._CACHE.clear()
+        ga._TMAPS.clear()
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 # ----------------------------------------------------------------------------- driver
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["all"] + list(STAGES), default="all")
     ap.add_argument("--skip", nargs="*", default=[], help="stages to leave out (with --stage all)")
+    ap.add_argument("--only", default="", help="comma-separated stages to run (with --stage all), "
+                    "e.g. --only bwd,bwdbench")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--density", type=float, nargs="+", default=[0.1, 0.3, 1.0])
@@ -499,8 +820,12 @@ def main() -> None:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     summary: list[str] = []
     t_all = time.time()
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    for x in only:
+        if x not in STAGES:
+            ap.error(f"--only: unknown stage {x!r} (stages: {', '.join(STAGES)})")
     for st, limit in STAGES.items():
-        if st in args.skip:
+        if st in args.skip or (only and st not in only):
             continue
         log(f"\n######## stage {st} (timeout {limit} s)")
         cmd = [sys.executable, os.path.abspath(__file__), "--stage", st, "--iters", str(args.iters),
