@@ -15,6 +15,10 @@ For each LLM-prefill scoring op, at the method's default block geometry, on B = 
 Targets (issue "Numba CPU kernels"): kernel >= 10x faster than its reference, and kernel
 <= 10% of the Numba dense forward.
 
+BSFA runs with ``causal=True``, as the method calls it in causal prefill (causally
+unreachable tiles are skipped); the row ``bsfa_score (non-causal)`` keeps the full
+``QK^T`` tile max of the op's ``causal=False`` mode for comparison.
+
 Usage::
 
     python scripts/bench_cpu_scoring.py            # S = 8192, 8 heads (a few minutes)
@@ -41,9 +45,18 @@ from refattn.core import registry  # noqa: E402
 from refattn.data.synthetic import synthetic  # noqa: E402
 from refattn.methods import load_all  # noqa: E402
 
+#: benchmark rows that run an op in another mode than its method does: row label -> op
+EXTRA_ROWS = {"bsfa_score (non-causal)": "bsfa_score"}
+
+
+def op_name(label: str) -> str:
+    """The registry op of a benchmark row."""
+    return EXTRA_ROWS.get(label, label)
+
 
 def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
-    """Each op's positional arguments at its method's default geometry."""
+    """Each row's positional arguments: every op at its method's default geometry (and
+    mode), plus :data:`EXTRA_ROWS`."""
     from refattn.methods.xattention import default_chunk_size
 
     D, S, Hq, Hkv = q.shape[3], k.shape[2], q.shape[1], k.shape[1]
@@ -51,7 +64,8 @@ def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
         "moba_score": (q, k, 512),
         "xattention_score": (q, k, 128, 8, default_chunk_size(S), 1.0, True),
         "prism_score": (q, k, 128, 64, 96, True, 1.0, 1.0),
-        "bsfa_score": (q, k, 128, 64, 1.0 / np.sqrt(D)),
+        "bsfa_score": (q, k, 128, 64, 1.0 / np.sqrt(D), True),
+        "bsfa_score (non-causal)": (q, k, 128, 64, 1.0 / np.sqrt(D), False),
         "minference_score": (q, k, 64, None),
         "flexprefill_score": (q, k, 128, None),
         "quest_score": (q, k, 16, True),
@@ -77,13 +91,13 @@ load_all()
 from refattn.core import registry
 from refattn.data.synthetic import synthetic
 sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})
-from bench_cpu_scoring import op_args
+from bench_cpu_scoring import op_args, op_name
 q, k, _ = synthetic(1, 2, 2, 256, 128, seed=0)
 t0 = time.perf_counter()
 registry.load_backend("numba")
 res = {{"import": time.perf_counter() - t0}}
 for name, args in op_args(q, k).items():
-    fn = registry.implementations(name)["numba"]
+    fn = registry.implementations(op_name(name))["numba"]
     t0 = time.perf_counter()
     fn(*args)
     res[name] = time.perf_counter() - t0
@@ -103,7 +117,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ref-repeat", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="S = 2048")
-    ap.add_argument("--ops", default="", help="comma-separated subset of ops")
+    ap.add_argument("--ops", default="",
+                    help="comma-separated subset of ops (an op selects all its rows)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compile-time run")
     a = ap.parse_args()
     S = 2048 if a.quick else a.seq
@@ -118,8 +133,8 @@ def main() -> None:
           f"(ref {a.ref_repeat}); medians")
     q, k, v = synthetic(1, H, H, S, D, seed=0)
     args = op_args(q, k)
-    names = [n for n in args if not a.ops or n in a.ops.split(",")]
-    kern = {n: registry.implementations(n)["numba"] for n in names}
+    names = [n for n in args if not a.ops or op_name(n) in a.ops.split(",")]
+    kern = {n: registry.implementations(op_name(n))["numba"] for n in names}
     dense = registry.dispatch("attention_fwd", "numba")
     scale = 1.0 / np.sqrt(D)
     run_dense = lambda: dense(q, k, v, None, True, scale)  # noqa: E731
@@ -134,7 +149,7 @@ def main() -> None:
             times[n].append(timed(lambda n=n: kern[n](*args[n])))
     ref_t = {}
     for n in names:
-        op = registry.ops()[n]
+        op = registry.ops()[op_name(n)]
         ref_t[n] = float(np.median([timed(lambda op=op, n=n: op.reference(*args[n]))
                                     for _ in range(a.ref_repeat)]))
     comp = {} if a.no_compile else compile_times()

@@ -67,14 +67,21 @@ def prism_score_cases(rng: np.random.Generator) -> Case:
 
 
 def bsfa_score_cases(rng: np.random.Generator) -> Case:
-    """(q, k, block_q, block_k, scale)."""
-    for label, kind, (B, Hq, Hkv, Sq, Sk, D), (bq, bk), dt in [
-            ("gqa_partial", "structured", (1, 4, 2, 113, 203, 64), (32, 16), "float32"),
-            ("square", "structured", (1, 2, 1, 256, 256, 64), (128, 64), "float32"),
-            ("sq_gt_sk", "random", (2, 2, 2, 203, 113, 32), (64, 32), "float32"),
-            ("bf16", "structured", (1, 2, 1, 130, 257, 64), (64, 64), "bfloat16")]:
+    """(q, k, block_q, block_k, scale, causal): both modes, Sq < Sk and Sq > Sk (causal
+    rows that see no key: whole rows of ``-inf``), partial tiles, GQA, bf16."""
+    for label, kind, (B, Hq, Hkv, Sq, Sk, D), (bq, bk), dt, causal in [
+            ("gqa_partial", "structured", (1, 4, 2, 113, 203, 64), (32, 16), "float32", False),
+            ("gqa_partial_causal", "structured", (1, 4, 2, 113, 203, 64), (32, 16), "float32",
+             True),
+            ("square", "structured", (1, 2, 1, 256, 256, 64), (128, 64), "float32", False),
+            ("square_causal", "structured", (1, 2, 1, 300, 300, 64), (128, 64), "float32", True),
+            ("sq_gt_sk", "random", (2, 2, 2, 203, 113, 32), (64, 32), "float32", False),
+            ("sq_gt_sk_causal", "random", (2, 2, 2, 203, 113, 32), (64, 32), "float32", True),
+            ("sq_lt_sk_causal_tiles", "random", (1, 2, 1, 70, 150, 16), (16, 48), "float32", True),
+            ("bf16", "structured", (1, 2, 1, 130, 257, 64), (64, 64), "bfloat16", False),
+            ("bf16_causal", "structured", (1, 2, 1, 257, 257, 64), (64, 32), "bfloat16", True)]:
         q, k = _qk(rng, kind, B, Hq, Hkv, Sq, Sk, D, dt)
-        yield {"label": label, "args": (q, k, bq, bk, 1.0 / np.sqrt(D)), "dtype": dt}
+        yield {"label": label, "args": (q, k, bq, bk, 1.0 / np.sqrt(D), causal), "dtype": dt}
 
 
 def quest_score_cases(rng: np.random.Generator) -> Case:

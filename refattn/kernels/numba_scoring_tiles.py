@@ -126,25 +126,39 @@ def xattention_score(q: Any, k: Any, block_size: int, stride: int, chunk_size: i
 # --------------------------------------------------------------------------------- BSFA
 @njit(**NJIT_OPTIONS)
 def _bsfa(q: np.ndarray, k: np.ndarray, group: int, bq: int, bk: int, chunk: int,
-          scale: float, mx: np.ndarray) -> None:
+          scale: float, causal: bool, mx: np.ndarray) -> None:
     """mx[b, h, m, n] = max over the real tokens of tile (m, n) of ``scale * q . k``.
-    One task per (batch, head, query tile); keys in sgemm chunks of ``chunk`` keys."""
+    One task per (batch, head, query tile); keys in sgemm chunks of ``chunk`` keys.
+    ``causal``: only the key tiles ``n < n_legal(m)`` that hold a visible pair are computed
+    (those whose first key ``n * bk <= last query + Sk - Sq``, bottom-right alignment, as
+    ``legal_blocks``); the others are ``-inf``. A computed tile's max is unmasked."""
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    qb = mx.shape[2]
+    qb, kb = mx.shape[2], mx.shape[3]
     for task in prange(B * Hq * qb):
         b = task // (Hq * qb)
         h = (task // qb) % Hq
-        mi = task % qb
+        t = task % qb
+        # query tiles in the order 0, qb-1, 1, qb-2, ...: causal tasks cost ~ m, so any
+        # contiguous range of tasks (a thread's share of the prange) gets its fair share
+        mi = t // 2 if t % 2 == 0 else qb - 1 - t // 2
         g = h // group
         r0 = mi * bq
         rn = min(Sq, r0 + bq) - r0
+        nt = kb
+        if causal:
+            last = r0 + rn - 1 + Sk - Sq            # last key visible to the tile's last row
+            nt = min(kb, last // bk + 1) if last >= 0 else 0
+        for n in range(nt, kb):
+            mx[b, h, mi, n] = -np.inf
         full = np.empty((rn, chunk), np.float32)
-        for c0 in range(0, Sk, chunk):
+        # the sgemm chunks are those of causal=False (the last one needed is computed
+        # whole), so that a tile's value does not depend on the mode, bit for bit
+        for c0 in range(0, min(Sk, nt * bk), chunk):
             cn = min(Sk, c0 + chunk) - c0
             sv = full if cn == chunk else np.empty((rn, cn), np.float32)
             np.dot(q[b, h, r0:r0 + rn], k[b, g, c0:c0 + cn].T, sv)
-            for n in range(c0 // bk, (c0 + cn + bk - 1) // bk):
+            for n in range(c0 // bk, min(nt, (c0 + cn + bk - 1) // bk)):
                 j0 = n * bk - c0
                 j1 = min(cn, j0 + bk)
                 if scale >= 0:
@@ -161,11 +175,13 @@ def _bsfa(q: np.ndarray, k: np.ndarray, group: int, bq: int, bk: int, chunk: int
 
 
 @register("bsfa_score", "numba")
-def bsfa_score(q: Any, k: Any, block_q: int, block_k: int, scale: float, *,
-               out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
+def bsfa_score(q: Any, k: Any, block_q: int, block_k: int, scale: float, causal: bool = False,
+               *, out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
     """BSFA tile maxima (reference :func:`refattn.methods.bsfa.bsfa_block_max`): ``(mx,)``
     ``[B, Hq, ceil(Sq/block_q), ceil(Sk/block_k)]`` of ``scale * q . k`` over every tile's
-    real tokens (no causal mask), float32 sgemm; the maximum is exact on those logits."""
+    real tokens (no causal mask inside a tile), float32 sgemm; the maximum is exact on those
+    logits. ``causal=True``: tiles without a visible (query, key) pair are ``-inf`` and are
+    skipped (about half the work of ``causal=False`` in prefill)."""
     qf, kf = f32(q, "q"), f32(k, "k")
     G = kv_group(qf, kf)
     bq, bk = int(block_q), int(block_k)
@@ -174,7 +190,7 @@ def bsfa_score(q: Any, k: Any, block_q: int, block_k: int, scale: float, *,
     (mx,) = outputs(out, [(B, Hq, num_blocks(Sq, bq), num_blocks(Sk, bk))], "bsfa_score")
     chunk = max(1, BSFA_KEY_CHUNK // bk) * bk
     with single_threaded_blas():
-        _bsfa(qf, kf, G, bq, bk, chunk, float(scale), mx)
+        _bsfa(qf, kf, G, bq, bk, chunk, float(scale), bool(causal), mx)
     return (mx,)
 
 

@@ -13,7 +13,8 @@ softmax, so its P·V work is skipped. The grid is asymmetric: ``block_q = 128`` 
 Rule, per query head ``h`` (kv head ``h // (Hq/Hkv)``), query tile ``m``, key tile ``n``:
 
 * score ``Mx[m, n] = max_{i in tile m, j in tile n} scale * q_i . k_j`` (raw scaled logits,
-  no softmax, no causal mask inside the max);
+  no softmax, no causal mask inside the max); op ``bsfa_score(..., causal=True)`` computes
+  only the causally reachable tiles (the others are ``-inf``), as the kernel does;
 * ``n_max(m)`` = number of key tiles up to the one holding the last key visible to the last
   query of tile ``m`` (bottom-right causal; ``2m + 2`` in prefill). The last
   ``ceil(block_q / block_k) = 2`` of them are the kernel's "masking steps": always computed
@@ -47,6 +48,7 @@ from ..reference.selection import diagonal_blocks
 from .base import check_range, register_method
 
 CODE = "Danielohayon/Block-Sparse-Flash-Attention@c3ee81e15c0a0609fe1dfc298d3c29b0f3f2a8a9"
+KEY_CHUNK = 1024  # keys per matmul of the reference tile maxima (rounded to block_k)
 
 
 @dataclass(frozen=True)
@@ -92,32 +94,54 @@ def _threshold_array(threshold: Any) -> np.ndarray:
 
 # ------------------------------------------------------------------ scoring op
 def bsfa_block_max(q: np.ndarray, k: np.ndarray, block_q: int, block_k: int, scale: float,
-                   *, out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
+                   causal: bool = False, *, out: tuple[np.ndarray] | None = None
+                   ) -> tuple[np.ndarray]:
     """Tile maxima ``Mx [B, Hq, ceil(Sq/block_q), ceil(Sk/block_k)]`` (float64) of the raw
-    scaled logits ``scale * q . k`` over the real tokens of each tile (no causal mask).
+    scaled logits ``scale * q . k`` over the real tokens of each tile.
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; GQA: head ``h`` reads kv head ``h // G``.
+    ``causal=False``: every tile. ``causal=True``: tiles that hold no visible (query, key)
+    pair under bottom-right causality (:func:`refattn.core.blockmask.legal_blocks`) are
+    ``-inf`` and are not computed; every other tile keeps the unmasked max over the whole
+    tile (no causal mask inside it: the official kernel compares the tile's raw maximum,
+    see the module docstring), so its value does not depend on ``causal``.
     """
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     G = Hq // k.shape[1]
     qb, kb = num_blocks(Sq, block_q), num_blocks(Sk, block_k)
     mx = np.empty((B, Hq, qb, kb), np.float64) if out is None else out[0]
-    kpad = kb * block_k - Sk
-    # tiles of query rows per chunk: logits [G, block_q, Sk] in float64
-    tiles = rows_per_chunk(qb, G * block_q * (Sk + kpad) * 16, 8 * Sk * D, "bsfa block max")
+    legal = legal_blocks(Sq, Sk, block_q, block_k, bool(causal))          # [Qb, Kb]
+    # legal tiles of a row are a prefix (key tile starts <= the row's last visible key),
+    # non-decreasing with the row: a chunk of rows m0..m1-1 needs key tiles < n_legal[m1-1]
+    n_legal = legal.sum(axis=1)
+    # Logits by matmuls of fixed shape: query tiles in chunks of at most qb/16 (so that
+    # causal chunks follow the staircase, about 1/32 of the work wasted) times key tiles in
+    # chunks of KEY_CHUNK keys. Both modes use the same chunks (causal stops after the
+    # last chunk it needs), so a tile gets the same value, bit for bit, in both.
+    kc = max(1, KEY_CHUNK // block_k)                                     # key tiles per matmul
+    tiles = min(rows_per_chunk(qb, G * block_q * kc * block_k * 16, 8 * Sk * D,
+                               "bsfa block max"), max(1, qb // 16))
     for b in range(B):
         for g in range(k.shape[1]):
             kk = k[b, g].astype(np.float64)
             for m0 in range(0, qb, tiles):
                 m1 = min(qb, m0 + tiles)
                 r0, r1 = m0 * block_q, min(Sq, m1 * block_q)
-                s = (q[b, g * G:(g + 1) * G, r0:r1].astype(np.float64) @ kk.T) * scale
-                # pad with -inf so that padding never wins a max (= repeating the last token)
-                s = np.pad(s, ((0, 0), (0, (m1 - m0) * block_q - (r1 - r0)), (0, kpad)),
-                           constant_values=-np.inf)
-                s = s.reshape(G, m1 - m0, block_q, kb, block_k)
-                mx[b, g * G:(g + 1) * G, m0:m1] = s.max(axis=(2, 4))
+                qq = q[b, g * G:(g + 1) * G, r0:r1].astype(np.float64)     # [G, R, D]
+                rows = mx[b, g * G:(g + 1) * G, m0:m1]                    # [G, m1-m0, Kb]
+                rows[...] = -np.inf
+                for n0 in range(0, int(n_legal[m1 - 1]), kc):
+                    n1 = min(kb, n0 + kc)
+                    j0, j1 = n0 * block_k, min(Sk, n1 * block_k)
+                    s = (qq @ kk[j0:j1].T) * scale
+                    pad_r, pad_k = (m1 - m0) * block_q - (r1 - r0), (n1 - n0) * block_k - (j1 - j0)
+                    if pad_r or pad_k:   # -inf never wins a max (= repeating the last token,
+                        s = np.pad(s, ((0, 0), (0, pad_r), (0, pad_k)),  # see the docstring)
+                                   constant_values=-np.inf)
+                    s = s.reshape(G, m1 - m0, block_q, n1 - n0, block_k)
+                    rows[..., n0:n1] = s.max(axis=(2, 4))
+                rows[...] = np.where(legal[m0:m1], rows, -np.inf)
     return (mx,)
 
 
@@ -199,7 +223,8 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
             raise InputError(f"samples[{i}]: {shape.q_heads} query heads, earlier samples "
                              f"had {per_example[0].shape[0]}")
         scale = 1.0 / np.sqrt(shape.head_dim) if softmax_scale is None else float(softmax_scale)
-        (mx,) = dispatch(SCORE_OP.name, "numpy")(q4, k4, block_q, block_k, scale)
+        # only off-diagonal causal tiles are read: the causal op skips the others
+        (mx,) = dispatch(SCORE_OP.name, "numpy")(q4, k4, block_q, block_k, scale, True)
         gated, _ = tile_layout(shape.q_len, shape.k_len, block_q, block_k, True)
         per_example.extend(example_thresholds(mx, gated, int(k)))
     if not per_example:
@@ -223,8 +248,9 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
     """BSFA selection on the (block_q, block_k) grid. q ``[B,Hq,Sq,D]``, k ``[B,Hkv,Sk,D]``.
 
     Returns a :class:`Selection`: ``mask`` = forced diagonal tiles ∪ gated tiles with
-    ``Mx >= threshold``; ``scores`` = the tile maxima ``Mx`` (``-inf`` never appears: every
-    tile holds a real token); ``boundary [B, Hq, Qb]`` = the threshold of each row;
+    ``Mx >= threshold``; ``scores`` = the tile maxima ``Mx`` (op ``bsfa_score`` with
+    ``causal``: ``-inf`` on causally unreachable tiles, which are not computed; every other
+    tile holds the max over its real tokens); ``boundary [B, Hq, Qb]`` = the threshold of each row;
     ``forced``; extras ``thresholds [B, Hq, Qb]`` (= boundary) and ``calibrated`` (True when
     each batch element's thresholds came from self-calibration on itself).
     """
@@ -232,7 +258,7 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     bq, bk = int(p.block_q), int(p.block_k)
-    (mx,) = dispatch(SCORE_OP.name, backend)(q, k, bq, bk, 1.0 / np.sqrt(D))
+    (mx,) = dispatch(SCORE_OP.name, backend)(q, k, bq, bk, 1.0 / np.sqrt(D), bool(causal))
     qb = mx.shape[2]
     calibrated = p.threshold is None
     if calibrated:

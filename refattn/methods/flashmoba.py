@@ -34,7 +34,8 @@ import numpy as np
 from ..core.blockmask import BlockMask
 from ..core.registry import dispatch
 from ..core.scores import BlockScores, Selection
-from ..reference.selection import TIES, rank_order, topk_per_row
+from ..reference.selection import TIES, rank_order
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 from .moba import MOBA_SCORE, own_blocks
 
@@ -122,7 +123,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: FlashMoba
         k_rank = K
         scores = gate
     valid_b = np.broadcast_to(valid, gate.shape)
-    sel, boundary = topk_per_row(gate, k_rank, valid=valid_b, tie=params.tie)
+    sel, boundary = topk_per_row(gate, k_rank, valid=valid, tie=params.tie, backend=backend)
     idx, val = slot_layout(gate, sel, valid_b, own, K, params.tie, causal)
     mask = sel if mine is None else (sel | mine)
     geo = dict(block_q=1, block_k=Bsz, q_len=Sq, k_len=Sk)

@@ -47,7 +47,8 @@ from ..core.errors import InputError
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, rank_order, topk_per_row
+from ..reference.selection import TIES, rank_order
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 BUDGET_UNIT = 128  # official: score_cover_topk(...) // 128 + 1, independent of block_size
@@ -229,8 +230,8 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
 
     # Vertical-slash blocks (every head): forced first column block and diagonal.
     inf_first = np.arange(n) == 0
-    vsel, vb = topk_per_row(np.where(inf_first, np.inf, V), n_v, tie=params.tie)
-    ssel, sb = topk_per_row(np.where(inf_first, np.inf, S), n_s, tie=params.tie)
+    vsel, vb = topk_per_row(np.where(inf_first, np.inf, V), n_v, tie=params.tie, backend=backend)
+    ssel, sb = topk_per_row(np.where(inf_first, np.inf, S), n_s, tie=params.tie, backend=backend)
     diag_off = rows[:, None] - rows[None, :]        # block offset r - c of block (r, c)
     mask = (vsel[..., None, :] | np.take(ssel, np.clip(diag_off, 0, n - 1), axis=-1)) & tril
 

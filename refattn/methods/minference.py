@@ -41,7 +41,8 @@ from ..core.registry import define_op, dispatch
 from ..core.scores import Selection
 from ..core.vertical_slash import GRANULARITIES, VerticalSlash
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, topk_per_row
+from ..reference.selection import TIES
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 MIN_VERTICAL = 30   # official clamp: vertical_size = min(L, max(vertical_size, 30))
@@ -183,12 +184,12 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: MInferenceParams, *,
     fs = np.zeros(Sk, dtype=bool)
     fs[: params.force_recent] = True
     vmask, vb = topk_per_row(np.where(fv, np.inf, vert), np.broadcast_to(vsz, (B, Hq)),
-                             tie=params.tie)
+                             tie=params.tie, backend=backend)
     # Diagonals are ranked on the official array, index idx = Sk-1-o: ties (e.g. among forced
     # +inf when slash_size < force_recent) go to the lower idx, i.e. the larger offset, as
     # torch.topk did on CUDA for the official code.
     smask, sb = topk_per_row(np.where(fs, np.inf, sl)[..., ::-1], np.broadcast_to(ssz, (B, Hq)),
-                             tie=params.tie)
+                             tie=params.tie, backend=backend)
     smask = smask[..., ::-1]
 
     pattern = VerticalSlash(vmask, smask, q_len=Sq, k_len=Sk, granularity=params.granularity)

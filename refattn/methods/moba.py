@@ -33,7 +33,8 @@ from ..core.errors import InputError
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, topk_per_row
+from ..reference.selection import TIES
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 PAPER = "Lu et al., MoBA: Mixture of Block Attention for Long-Context LLMs, arXiv 2502.13189"
@@ -120,22 +121,23 @@ def own_blocks(q_len: int, k_len: int, block_size: int) -> np.ndarray:
     return np.where(p >= 0, p // int(block_size), -1)
 
 
-def route_blocks(gate: np.ndarray, own: np.ndarray, topk: int, tie: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def route_blocks(gate: np.ndarray, own: np.ndarray, topk: int, tie: str,
+                 backend: str = "numpy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The MoBA rule on a gate ``[..., Sq, Kb]``: own block plus top-(k-1) past blocks.
 
     Returns ``mask`` bool like ``gate``, ``boundary [..., Sq]`` (the (k-1)-th past score,
     ``nan`` where no past block was selected) and ``past`` bool ``[Sq, Kb]`` (candidates).
+    The top-(k-1) runs op ``selection_topk_rows`` on ``backend``.
     """
     j = np.arange(gate.shape[-1])
     past = j[None, :] < own[:, None]                      # strictly past blocks j < c(t)
     mine = j[None, :] == own[:, None]                     # the own block (none if c = -1)
-    sel, boundary = topk_per_row(gate, int(topk) - 1, valid=np.broadcast_to(past, gate.shape),
-                                 tie=tie)
+    sel, boundary = topk_per_row(gate, int(topk) - 1, valid=past, tie=tie, backend=backend)
     return sel | mine, boundary, past
 
 
-def official_need_attend(gate: np.ndarray, own: np.ndarray, topk: int, tie: str) -> np.ndarray:
+def official_need_attend(gate: np.ndarray, own: np.ndarray, topk: int, tie: str,
+                         backend: str = "numpy") -> np.ndarray:
     """``need_attend`` exactly as ``moba_attn_varlen_naive`` builds it, before its ``tril``.
 
     The naive code sets the gate to ``+inf`` on the own block and ``-inf`` on future blocks,
@@ -143,12 +145,13 @@ def official_need_attend(gate: np.ndarray, own: np.ndarray, topk: int, tie: str)
     few finite candidates, so the top-k also takes ``-inf`` *future* blocks; the official
     token-level ``tril`` removes them afterwards. Which future blocks ``torch.topk`` takes is
     implementation-defined; here they follow ``tie`` (so only the per-row *count* of future
-    picks, not their positions, matches the official array).
+    picks, not their positions, matches the official array). The top-k runs op
+    ``selection_topk_rows`` on ``backend``.
     """
     j = np.arange(gate.shape[-1])
     masked = np.where(j[None, :] < own[:, None], gate, -np.inf)
     masked = np.where(j[None, :] == own[:, None], np.inf, masked)
-    need, _ = topk_per_row(masked, min(int(topk), gate.shape[-1]), tie=tie)
+    need, _ = topk_per_row(masked, min(int(topk), gate.shape[-1]), tie=tie, backend=backend)
     return need
 
 
@@ -172,7 +175,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: MobaParam
     Sq, Sk = q.shape[2], k.shape[2]
     (gate,) = dispatch(MOBA_SCORE.name, backend, (q, k))(q, k, B)
     own = own_blocks(Sq, Sk, B)
-    mask, boundary, past = route_blocks(gate, own, int(params.topk), params.tie)
+    mask, boundary, past = route_blocks(gate, own, int(params.topk), params.tie, backend)
     mine = np.arange(gate.shape[-1])[None, :] == own[:, None]
     scores = np.where(past | mine, gate, -np.inf)
     geo = dict(block_q=1, block_k=B, q_len=Sq, k_len=Sk)
@@ -182,6 +185,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: MobaParam
         boundary=boundary,
         forced=np.broadcast_to(mine, mask.shape),
         extras={"gate": gate,
-                "need_attend": official_need_attend(gate, own, int(params.topk), params.tie),
+                "need_attend": official_need_attend(gate, own, int(params.topk), params.tie,
+                                                    backend),
                 "own_block": own},
     )

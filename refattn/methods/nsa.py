@@ -40,7 +40,8 @@ from ..core.errors import InputError
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, topk_per_row
+from ..reference.selection import TIES
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 PAPER = ("Yuan et al., Native Sparse Attention: Hardware-Aligned and Natively Trainable "
@@ -207,8 +208,8 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: NsaParams
     forced |= (j[None, :] <= own[:, None]) & (j[None, :] > own[:, None] - int(params.force_recent))
     forced &= visible
     k_rank = np.maximum(int(params.topk) - forced.sum(axis=-1), 0)        # [Sq]
-    cand = np.broadcast_to(visible & ~forced, p_slc.shape)
-    sel, boundary = topk_per_row(p_slc, k_rank, valid=cand, tie=params.tie)
+    sel, boundary = topk_per_row(p_slc, k_rank, valid=visible & ~forced, tie=params.tie,
+                                 backend=backend)
     mask = sel | forced
     geo = dict(block_q=1, block_k=L, q_len=Sq, k_len=Sk, head_kind="kv")
     return Selection(

@@ -44,7 +44,8 @@ from ..core.errors import InputError
 from ..core.layout import causal_offset
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
-from ..reference.selection import force_local, force_sink, rank_order, topk_per_row
+from ..reference.selection import force_local, force_sink, rank_order
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 CODE = "wyxstriker/ProxyAttn@unread"
@@ -223,8 +224,7 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: ProxyAttnParams, *,
                                 None if p.max_budget is None else int(p.max_budget))
     scores = np.repeat(S, g, axis=1)                                             # per q head
     scores = np.where(legal, scores, -np.inf)
-    chosen, boundary = topk_per_row(scores, budgets, valid=np.broadcast_to(legal, scores.shape),
-                                    tie=p.tie)
+    chosen, boundary = topk_per_row(scores, budgets, valid=legal, tie=p.tie, backend=backend)
     forced = np.zeros(chosen.shape, bool)
     if p.force_sink:
         forced = force_sink(forced, 1)

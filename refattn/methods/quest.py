@@ -39,7 +39,8 @@ from ..core.blockmask import BlockMask, num_blocks
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, topk_per_row
+from ..reference.selection import TIES
+from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
 PAPER = ("Tang et al., Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference, "
@@ -187,8 +188,8 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: QuestPara
     if params.force_recent:
         forced = (j[None, :] == (last // P)[:, None]) & (last[:, None] >= 0) & visible
     k_rank = np.maximum(keep - forced.sum(axis=-1), 0)
-    cand = np.broadcast_to(visible & ~forced, U.shape)
-    sel, boundary = topk_per_row(U, k_rank, valid=cand, tie=params.tie)
+    sel, boundary = topk_per_row(U, k_rank, valid=visible & ~forced, tie=params.tie,
+                                 backend=backend)
     mask = sel | forced
     geo = dict(block_q=1, block_k=P, q_len=Sq, k_len=Sk)
     return Selection(

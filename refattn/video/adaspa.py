@@ -52,7 +52,7 @@ from ..core.video_grid import TEXT_POSITIONS, VideoGrid
 from ..methods.base import check_choice, check_range, register_method
 from ..reference import attention as _attention  # noqa: F401  (defines "attention_fwd")
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import topk_per_row
+from ..reference.selection_backend import topk_per_row
 
 PAPER = ("Xia et al., Training-free and Adaptive Sparse Attention for Efficient Long Video "
          "Generation (AdaSpa), arXiv 2502.21079")
@@ -193,9 +193,12 @@ def adapt_sparsity(recall: np.ndarray, rho: float, threshold: float) -> np.ndarr
     return out
 
 
-def _select_rows(W: np.ndarray, cand: np.ndarray, forced: np.ndarray, budget: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    sel, boundary = topk_per_row(W, budget, valid=np.broadcast_to(cand, W.shape))
+def _select_rows(W: np.ndarray, cand: np.ndarray, forced: np.ndarray, budget: np.ndarray,
+                 backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``budget`` candidate blocks per row of ``W [B, H, Qb, Kb]`` (``cand [Qb, Kb]``,
+    ``budget`` broadcastable to ``[B, H, Qb]``) plus the forced blocks; the top-k runs op
+    ``selection_topk_rows`` on ``backend``. Returns ``(mask, boundary [B, H, Qb])``."""
+    sel, boundary = topk_per_row(W, budget, valid=cand, backend=backend)
     return sel | forced, boundary
 
 
@@ -256,14 +259,14 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: AdaSpaPar
     n_row = legal.sum(axis=1)                                        # [Qb]
     rho = float(p.sparsity)
     base = np.broadcast_to(row_budget(rho, n_row, p.rounding), W.shape[:3])
-    mask, boundary = _select_rows(W, cand, forced, base)
+    mask, boundary = _select_rows(W, cand, forced, base, backend)
     recall_base = _recall(W, mask, legal)
     head_rho = np.full((Bn, Hq), rho)
     budget = base
     if p.head_adaptive:
         head_rho = adapt_sparsity(recall_base, rho, float(p.recall_threshold))
         budget = row_budget(head_rho[..., None], n_row[None, None, :], p.rounding)
-        mask, boundary = _select_rows(W, cand, forced, budget)
+        mask, boundary = _select_rows(W, cand, forced, budget, backend)
     geo = dict(block_q=bs, block_k=bs, q_len=Sq, k_len=Sk)
     return Selection(
         mask=BlockMask(mask, **geo),

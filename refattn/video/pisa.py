@@ -35,7 +35,7 @@ from ..core.scores import BlockScores, Selection
 from ..core.video_grid import VideoGrid
 from ..methods.base import check_choice, check_range, register_method
 from ..reference.piecewise import CORRECTIONS, block_means, block_statistics, piecewise_attention
-from ..reference.selection import topk_per_row
+from ..reference.selection_backend import topk_per_row
 
 PAPER = ("Li et al., Piecewise Sparse Attention Is Wiser for Efficient Diffusion Transformers, "
          "arXiv 2602.01077")
@@ -151,7 +151,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PisaParam
     sc, norms = block_scores(q, k, v, bs, bool(p.use_bias), backend=backend)
     kb = num_blocks(Sk, bs)
     n = max(1, int(float(p.density) * kb))
-    mask, boundary = topk_per_row(sc, n, tie="low")
+    mask, boundary = topk_per_row(sc, n, tie="low", backend=backend)
     geo = dict(block_q=bs, block_k=bs, q_len=Sq, k_len=Sk)
     return Selection(mask=BlockMask(mask, **geo), scores=BlockScores(sc, **geo), boundary=boundary,
                      extras={"correction": p.correction, "n_selected": n, "bias_norm": norms,
