@@ -31,10 +31,10 @@ except Exception as e:  # CUDARuntimeError: no driver, no device
 if _ndev < 1:
     raise RuntimeError("refattn.gpu: CuPy found no CUDA device")
 
-from refattn.core.registry import register  # noqa: E402
-
 import importlib as _importlib  # noqa: E402
 import pkgutil as _pkgutil  # noqa: E402
+
+from refattn.core.registry import register  # noqa: E402
 
 from . import attention as _attention  # noqa: E402
 from ._build import device_cc, tensor_cores_available  # noqa: E402,F401
