@@ -47,9 +47,9 @@ def test_device_blockmask_matches_host(shape):
     dev = host.to_device()
     assert dev.on_device and not host.on_device
     assert isinstance(dev.mask, cp.ndarray)
-    for a, b in zip(dev.to_indices(), host.to_indices()):
+    for a, b in zip(dev.to_indices(), host.to_indices(), strict=True):
         assert isinstance(a, cp.ndarray) and np.array_equal(a.get(), b)
-    for a, b in zip(dev.transpose(), host.transpose()):
+    for a, b in zip(dev.transpose(), host.transpose(), strict=True):
         assert np.array_equal(a.get(), b)
     assert dev == host and dev.to_host() == host
     for causal in (False, True):

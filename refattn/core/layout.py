@@ -42,6 +42,16 @@ def is_device_array(x: Any) -> bool:
     return False
 
 
+def array_module(x: Any) -> Any:
+    """The array module of ``x``: CuPy for device arrays, else NumPy. Lets one selection code
+    path run on host and device arrays alike (methods registered with ``device=True``)."""
+    if is_device_array(x) and not isinstance(x, np.ndarray):
+        import cupy  # only device inputs need it
+
+        return cupy
+    return np
+
+
 def as_array(x: Any, name: str) -> Any:
     """Return ``x`` as a NumPy array (host inputs) or a CuPy array (device inputs).
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -129,7 +130,9 @@ def route_blocks(gate: np.ndarray, own: np.ndarray, topk: int, tie: str,
     ``nan`` where no past block was selected) and ``past`` bool ``[Sq, Kb]`` (candidates).
     The top-(k-1) runs op ``selection_topk_rows`` on ``backend``.
     """
-    j = np.arange(gate.shape[-1])
+    xp = array_module(gate)                               # NumPy, or CuPy for a device gate
+    j = xp.arange(gate.shape[-1])
+    own = xp.asarray(own)
     past = j[None, :] < own[:, None]                      # strictly past blocks j < c(t)
     mine = j[None, :] == own[:, None]                     # the own block (none if c = -1)
     sel, boundary = topk_per_row(gate, int(topk) - 1, valid=past, tie=tie, backend=backend)
@@ -148,16 +151,18 @@ def official_need_attend(gate: np.ndarray, own: np.ndarray, topk: int, tie: str,
     picks, not their positions, matches the official array). The top-k runs op
     ``selection_topk_rows`` on ``backend``.
     """
-    j = np.arange(gate.shape[-1])
-    masked = np.where(j[None, :] < own[:, None], gate, -np.inf)
-    masked = np.where(j[None, :] == own[:, None], np.inf, masked)
+    xp = array_module(gate)
+    j = xp.arange(gate.shape[-1])
+    own = xp.asarray(own)
+    masked = xp.where(j[None, :] < own[:, None], gate, -np.inf)
+    masked = xp.where(j[None, :] == own[:, None], np.inf, masked)
     need, _ = topk_per_row(masked, min(int(topk), gate.shape[-1]), tie=tie, backend=backend)
     return need
 
 
 @register_method("moba", MobaParams, kind="llm-prefill",
                  summary="per-token gate q.mean(K_block); own block + top-(k-1) past blocks",
-                 paper=PAPER, code=CODE)
+                 paper=PAPER, code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: MobaParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """MoBA routing on canonical arrays q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``.
@@ -176,14 +181,15 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: MobaParam
     (gate,) = dispatch(MOBA_SCORE.name, backend, (q, k))(q, k, B)
     own = own_blocks(Sq, Sk, B)
     mask, boundary, past = route_blocks(gate, own, int(params.topk), params.tie, backend)
-    mine = np.arange(gate.shape[-1])[None, :] == own[:, None]
-    scores = np.where(past | mine, gate, -np.inf)
+    xp = array_module(gate)             # device inputs (backend "cupy") stay on the device
+    mine = xp.arange(gate.shape[-1])[None, :] == xp.asarray(own)[:, None]
+    scores = xp.where(past | mine, gate, -np.inf)
     geo = dict(block_q=1, block_k=B, q_len=Sq, k_len=Sk)
     return Selection(
         mask=BlockMask(mask, **geo),
         scores=BlockScores(scores, **geo),
         boundary=boundary,
-        forced=np.broadcast_to(mine, mask.shape),
+        forced=xp.broadcast_to(mine, mask.shape),
         extras={"gate": gate,
                 "need_attend": official_need_attend(gate, own, int(params.topk), params.tie,
                                                     backend),

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -182,7 +183,7 @@ NSA_SCORE = define_op("nsa_score", nsa_scores, outputs=("p_slc", "p_cmp"), kind=
 @register_method("nsa", NsaParams, kind="llm-prefill",
                  summary="NSA selection branch: compressed-attention mass on 64-token blocks, "
                          "GQA-summed; top-16 incl. 1 initial + 2 local (mean-pool compressor)",
-                 paper=PAPER, code=CODE)
+                 paper=PAPER, code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: NsaParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """NSA block selection on canonical arrays q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``.
@@ -208,14 +209,16 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: NsaParams
     forced |= (j[None, :] <= own[:, None]) & (j[None, :] > own[:, None] - int(params.force_recent))
     forced &= visible
     k_rank = np.maximum(int(params.topk) - forced.sum(axis=-1), 0)        # [Sq]
-    sel, boundary = topk_per_row(p_slc, k_rank, valid=visible & ~forced, tie=params.tie,
-                                 backend=backend)
-    mask = sel | forced
+    xp = array_module(p_slc)    # the [Sq, Kb] geometry masks go where the scores live
+    forced_x, visible_x = xp.asarray(forced), xp.asarray(visible)
+    sel, boundary = topk_per_row(p_slc, xp.asarray(k_rank), valid=visible_x & ~forced_x,
+                                 tie=params.tie, backend=backend)
+    mask = sel | forced_x
     geo = dict(block_q=1, block_k=L, q_len=Sq, k_len=Sk, head_kind="kv")
     return Selection(
         mask=BlockMask(mask, **geo),
-        scores=BlockScores(np.where(visible, p_slc, -np.inf), **geo),
+        scores=BlockScores(xp.where(visible_x, p_slc, -np.inf), **geo),
         boundary=boundary,
-        forced=np.broadcast_to(forced, mask.shape),
+        forced=xp.broadcast_to(forced_x, mask.shape),
         extras={"p_cmp": p_cmp},
     )

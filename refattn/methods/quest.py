@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -158,7 +159,7 @@ def pages_to_keep(visible_keys: np.ndarray, params: QuestParams) -> np.ndarray:
 # -------------------------------------------------------------------- selection
 @register_method("quest", QuestParams, kind="llm-prefill",
                  summary="decode-time page selection by the channel min/max upper bound of q.k",
-                 paper=PAPER, code=CODE)
+                 paper=PAPER, code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: QuestParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """Quest page selection on canonical arrays q ``[B, Hq, Sq, D]`` (the last ``Sq``
@@ -188,14 +189,16 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: QuestPara
     if params.force_recent:
         forced = (j[None, :] == (last // P)[:, None]) & (last[:, None] >= 0) & visible
     k_rank = np.maximum(keep - forced.sum(axis=-1), 0)
-    sel, boundary = topk_per_row(U, k_rank, valid=visible & ~forced, tie=params.tie,
-                                 backend=backend)
-    mask = sel | forced
+    xp = array_module(U)        # the [Sq, n] geometry masks go where the bound lives
+    forced_x = xp.asarray(forced)
+    sel, boundary = topk_per_row(U, xp.asarray(k_rank), valid=xp.asarray(visible & ~forced),
+                                 tie=params.tie, backend=backend)
+    mask = sel | forced_x
     geo = dict(block_q=1, block_k=P, q_len=Sq, k_len=Sk)
     return Selection(
         mask=BlockMask(mask, **geo),
         scores=BlockScores(U, **geo),
         boundary=boundary,
-        forced=np.broadcast_to(forced, mask.shape) if params.force_recent else None,
+        forced=xp.broadcast_to(forced_x, mask.shape) if params.force_recent else None,
         extras={"pages": keep},
     )
