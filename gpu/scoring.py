@@ -21,8 +21,16 @@ CuPy results. ``out=`` is a tuple of preallocated arrays (NumPy or CuPy, float32
 of the output shapes; every element is written and ``out`` is returned.
 
 Precision: fp32/fp64 inputs are computed in float64 throughout and returned as float64;
-bf16/fp16 inputs use fp32 arithmetic (tensor cores for XAttention) and return float32.
+bf16/fp16 inputs use fp32 arithmetic (tensor cores for XAttention, and for MoBA and Quest
+with D in {64, 128}) and return float32. Prism is float64 for every dtype (its selection is
+a top-p over float32-rounded probabilities, decided in the last bits).
 See ``docs/gpu.md`` ("Scoring kernels") for the kernels and their speed.
+
+Module switches (for the benchmark's comparisons; the defaults are the fast kernels):
+``XA_CONFIG`` picks the XAttention tensor-core kernel (a key of ``XA_CONFIGS``; ``"v1"`` is
+the first 128 x 64 version); ``POOLED_TENSOR_CORES = False`` sends MoBA and Quest to the
+FFMA ``rowcol`` kernel; ``TRACE``, when a list, receives ``(kernel, start, end)`` CUDA events
+of every launch.
 """
 from __future__ import annotations
 
@@ -43,7 +51,62 @@ _XA_SMEM = 2 * (128 + 64) * (64 + 8) * 2       # xatt_tiles: double-buffered Q/K
 #: Bound on the XAttention scratch (per-row chunk block sums) of one launch; heads are
 #: processed in groups that fit.
 XA_SCRATCH_BYTES = 1 << 30
+#: XAttention tensor-core kernels: name -> (WM, WN, KC, STAGES) of ``xatt_gemm`` (a CTA of
+#: WM x WN warps with 64 x 64 warp tiles, i.e. 64 WM query tiles x 64 WN key tiles; KC-element
+#: k-slices in a STAGES-deep cp.async ring), or None for the first kernel ``xatt_tiles``
+#: (128 x 64, 64-element slices, double-buffered).
+XA_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
+    "256x128": (4, 2, 64, 3),       # 8 warps, 166 KB shared memory
+    "128x128": (2, 2, 64, 4),       # 4 warps, 147 KB
+    "128x128k128": (2, 2, 128, 3),  # 4 warps, 209 KB
+    "128x256": (2, 4, 64, 3),       # 8 warps, 166 KB
+    "v1": None,                     # 4 warps, 55 KB
+}
+#: The XAttention kernel used (a key of XA_CONFIGS): 128x256 was the fastest on the H200 at
+#: both 32k and 128k, strides 8 and 16 (docs/benchmarks.md, "GPU scoring kernels").
+XA_CONFIG = "128x256"
+#: MoBA and Quest on tensor cores for bf16/fp16 with D in {64, 128} (False: FFMA rowcol).
+POOLED_TENSOR_CORES = True
+#: Benchmark hook: when a list, every launch appends ``(kernel name, start, end)`` events.
+TRACE: list | None = None
 _I32, _I64, _F32, _F64 = np.int32, np.int64, np.float32, np.float64
+_BANDS: dict[tuple[int, ...], tuple[Any, ...]] = {}
+_DEV_ATTR: dict[tuple[int, str], int] = {}
+
+
+def _run(filename: str, name: str, grid: tuple[int, ...], block: tuple[int, ...],
+         args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    """Compile (once) and launch kernel ``name`` of ``filename``; traced when TRACE is a list."""
+    fn = get_kernel(filename, name)
+    if TRACE is None:
+        launch(fn, grid, block, args, shared_mem=shared_mem)
+        return
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record()
+    launch(fn, grid, block, args, shared_mem=shared_mem)
+    b.record()
+    TRACE.append((name, a, b))
+
+
+def _device_attr(name: str) -> int:
+    """``"sm_count"`` or ``"smem_optin"`` (bytes of dynamic shared memory a block may opt
+    into) of the current device, cached."""
+    dev = cp.cuda.Device()
+    key = (dev.id, name)
+    if key not in _DEV_ATTR:
+        props = cp.cuda.runtime.getDeviceProperties(dev.id)
+        if name == "sm_count":
+            val = props.get("multiProcessorCount", 0)
+        else:
+            val = props.get("sharedMemPerBlockOptin", 0)
+            if not val:
+                try:
+                    val = dev.attributes["MaxSharedMemoryPerBlockOptin"]
+                except Exception:  # pragma: no cover - old CuPy
+                    cc = int(dev.compute_capability)
+                    val = 227 * 1024 if cc >= 90 else 163 * 1024 if cc == 80 else 99 * 1024
+        _DEV_ATTR[key] = int(val) or 1
+    return _DEV_ATTR[key]
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -120,6 +183,45 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _vec(kind: str, D: int) -> int:
+    """Elements per 16-byte load in ``pool_blocks`` (1 when D is not a multiple)."""
+    v = 16 // np.dtype(np.float32 if kind == "float32" else np.float64 if kind == "float64"
+                       else np.float16).itemsize
+    return v if D % v == 0 else 1
+
+
+def _pool_smem(D: int, V: int) -> int:
+    nv = D // V
+    return (1 if nv >= 256 else 256 // nv) * D * 8
+
+
+def _tdtype(kind: str) -> Any:
+    """CuPy dtype holding T's bits (bf16 as uint16)."""
+    return cp.uint16 if kind == "bfloat16" else cp.dtype(kind)
+
+
+def _pooled_tc(kind: str, D: int) -> bool:
+    """True when MoBA / Quest run ``rowcol_tc`` (bf16/fp16, D in {64, 128}, sm_80+)."""
+    return (POOLED_TENSOR_CORES and kind in ("bfloat16", "float16") and D in (64, 128)
+            and tensor_cores_available())
+
+
+def _rowcol_tc(kind: str, mode: int, qd: Any, A: Any, Bm: Any, out: Any, Hq: int, G: int,
+               Sq: int, Sk: int, N: int, D: int, P: int, causal: bool) -> None:
+    """Launch ``rowcol_tc<T, mode, D>``: 128-row CTAs; the column tiles of a row block are
+    split over grid.y only as far as needed to fill the device (Q is read once per split)."""
+    BH = out.shape[0] * out.shape[1]
+    rows, ntile = _cdiv(Sq, 128), _cdiv(N, 64)
+    target = 4 * _device_attr("sm_count")
+    splits = min(ntile, max(1, _cdiv(target, rows * BH)))
+    tpc = _cdiv(ntile, splits)
+    nb = 2 if mode == 1 else 1
+    smem = (128 + 2 * nb * 64) * (D + 8) * 2
+    _run("score_pooled.cu", f"rowcol_tc<{_CT[kind]}, {mode}, {D}>", (rows, _cdiv(ntile, tpc), BH),
+         (128,), (qd, A, Bm, out, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(N), _I32(P),
+                  _I32(bool(causal)), _I32(tpc)), shared_mem=smem)
+
+
 # ----------------------------------------------------------------------------- XAttention
 def xattention_fast_path(kind: str, D: int, block_size: int, stride: int) -> bool:
     """True when ``xattention_score`` runs on tensor cores: bf16/fp16, ``D % 64 == 0``,
@@ -162,31 +264,46 @@ def xattention_score(q: Any, k: Any, block_size: int, stride: int, chunk_size: i
     nbc = nch * 64 // BT
     if xattention_fast_path(kind, D, bs, S) and nbc * 4 <= 160 * 1024:
         ct = _CT[kind]
-        rows_alloc = _cdiv(n_real * BT, 128) * 128
+        name, BM, nthreads, smem = _xa_kernel(ct, BT, D)
+        rows_alloc = _cdiv(n_real * BT, BM) * BM
         per_head = rows_alloc * (nbc + nch) * 4
         group = max(1, min(BH, XA_SCRATCH_BYTES // per_head))
         part = cp.empty((group, rows_alloc, nbc), cp.float32)
         mc = cp.empty((group, rows_alloc, nch), cp.float32)
         W = cp.zeros((B, Hq, nbp, nbp), cp.float32)
-        k_tiles = get_kernel("score_xattn.cu", f"xatt_tiles<{ct}, {BT}>")
-        k_red = get_kernel("score_xattn.cu", f"xatt_reduce<{BT}>")
         for bh0 in range(0, BH, group):
             g = min(group, BH - bh0)
-            launch(k_tiles, (rows_alloc // 128, g), (128,),
-                   (qd, kd, part, mc, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
-                    _I32(rows_alloc), _I32(nch), _I32(nbc), *strides,
-                    _F32(scale * 1.4426950408889634), _I32(bool(causal)), _I32(bh0)),
-                   shared_mem=_XA_SMEM)
-            launch(k_red, (n_real, g), (256,),
-                   (part, mc, W, _I32(rows_alloc), _I32(nch), _I32(nbc), _I32(nbp),
-                    _I32(T_real), _I32(bool(causal)), _I32(bh0)), shared_mem=nbc * 4)
+            _run("score_xattn.cu", name, (rows_alloc // BM, g), (nthreads,),
+                 (qd, kd, part, mc, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
+                  _I32(rows_alloc), _I32(nch), _I32(nbc), *strides,
+                  _F32(scale * 1.4426950408889634), _I32(bool(causal)), _I32(bh0)),
+                 shared_mem=smem)
+            _run("score_xattn.cu", f"xatt_reduce<{BT}>", (n_real, g), (256,),
+                 (part, mc, W, _I32(rows_alloc), _I32(nch), _I32(nbc), _I32(nbp),
+                  _I32(T_real), _I32(bool(causal)), _I32(bh0)), shared_mem=nbc * 4)
     else:
         W = cp.zeros((B, Hq, nbp, nbp), cp.float64)
-        fn = get_kernel("score_xattn.cu", f"xatt_exact<{_CT[kind]}>")
-        launch(fn, (_cdiv(T_real, 4), BH), (128,),
-               (qd, kd, W, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
-                _I32(T_real), _I32(BT), _I32(nbp), *strides, _F64(scale), _I32(bool(causal))))
+        _run("score_xattn.cu", f"xatt_exact<{_CT[kind]}>", (_cdiv(T_real, 4), BH), (128,),
+             (qd, kd, W, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
+              _I32(T_real), _I32(BT), _I32(nbp), *strides, _F64(scale), _I32(bool(causal))))
     return _deliver((W,), out, host, ("W",))
+
+
+def _xa_kernel(ct: str, BT: int, D: int) -> tuple[str, int, int, int]:
+    """``(kernel name, query tiles per CTA, threads, shared memory)`` of the XAttention
+    tensor-core kernel selected by XA_CONFIG: KC drops to 64 when D % KC != 0, and a
+    configuration whose shared memory exceeds the device's opt-in limit falls back to v1."""
+    if XA_CONFIG not in XA_CONFIGS:
+        raise ValueError(f"XA_CONFIG: expected one of {sorted(XA_CONFIGS)}, got {XA_CONFIG!r}")
+    cfg = XA_CONFIGS[XA_CONFIG]
+    if cfg is not None:
+        WM, WN, KC, ST = cfg
+        if D % KC:
+            KC = 64
+        smem = ST * 64 * (WM + WN) * (KC + 8) * 2
+        if smem <= _device_attr("smem_optin"):
+            return f"xatt_gemm<{ct}, {BT}, {WM}, {WN}, {KC}, {ST}>", 64 * WM, 32 * WM * WN, smem
+    return f"xatt_tiles<{ct}, {BT}>", 128, 128, _XA_SMEM
 
 
 # ----------------------------------------------------------------------------- MoBA
@@ -196,20 +313,30 @@ def moba_score(q: Any, k: Any, block_size: int, *, out: Any = None) -> tuple[Any
 
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; returns ``(gate,)`` ``[B, Hq, Sq, Kb]``,
     ``Kb = ceil(Sk / block_size)``. ``kbar_j`` is the mean over the block's true length,
-    summed in float64 and rounded to k's dtype, as the reference (``pooled_keys``).
+    summed in float64 and rounded to k's dtype, as the reference (``pooled_keys``). bf16/fp16
+    with D in {64, 128}: the means are stored in k's dtype (exactly the rounded values) and
+    the gate runs on tensor cores with fp32 accumulation (products exact); else FFMA.
     """
     qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "moba_score")
     bs = _positive("block_size", block_size)
     kb = _cdiv(Sk, bs)
     ct, (acc_t, acc_dt) = _CT[kind], _acc(kind)
-    kbar = cp.empty((B, Hkv, kb, D), cp.float64)
-    launch(get_kernel("score_pooled.cu", f"pool_mean<{ct}>"), (kb, B * Hkv), (128,),
-           (kd, kbar, _I32(Sk), _I32(D), _I32(bs), _I32(kb), _I32(1), _I32(kind != "float64")))
+    V = _vec(kind, D)
+    tc = _pooled_tc(kind, D)
+    kbar = cp.empty((B, Hkv, kb, D), _tdtype(kind) if tc else cp.float64)
+    _run("score_pooled.cu", f"pool_blocks<{ct}, {V}, {ct if tc else 'double'}>",
+         (kb, B * Hkv), (256,),
+         (kd, kbar, kbar, _I32(B * Hkv), _I32(Sk), _I32(kb), kd, kbar, kbar, _I32(Sk), _I32(kb),
+          _I32(D), _I32(bs), _I32(1), _I32(kind != "float64"), _I32(0), kbar, kbar),
+         shared_mem=_pool_smem(D, V))
     gate = cp.empty((B, Hq, Sq, kb), acc_dt)
-    launch(get_kernel("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 0>"),
-           (_cdiv(kb, 64), _cdiv(Sq, 64), B * Hq), (256,),
-           (qd, kbar, kbar, gate, _I32(Hq), _I32(Hq // Hkv), _I32(Sq), _I32(Sk), _I32(kb),
-            _I32(D), _I32(1), _I32(0)))
+    if tc:
+        _rowcol_tc(kind, 0, qd, kbar, kbar, gate, Hq, Hq // Hkv, Sq, Sk, kb, D, 1, False)
+    else:
+        _run("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 0>",
+             (_cdiv(kb, 64), _cdiv(Sq, 64), B * Hq), (256,),
+             (qd, kbar, kbar, gate, _I32(Hq), _I32(Hq // Hkv), _I32(Sq), _I32(Sk), _I32(kb),
+              _I32(D), _I32(1), _I32(0)))
     return _deliver((gate,), out, host, ("gate",))
 
 
@@ -221,26 +348,39 @@ def quest_score(q: Any, k: Any, page_size: int, causal: bool, *, out: Any = None
     q ``[B, Hq, Sq, D]`` (row ``r`` at key position ``t = r + Sk - Sq``), k
     ``[B, Hkv, Sk, D]``; returns ``(bound,)`` ``[B, Hq, Sq, Np]``, ``Np = ceil(Sk / P)``. With
     ``causal`` each row's own page is bounded over keys ``[cP, t]`` only and later pages
-    (all pages when ``t < 0``) are ``-inf``, as the reference ``quest_bound``.
+    (all pages when ``t < 0``) are ``-inf``, as the reference ``quest_bound``. bf16/fp16 with
+    D in {64, 128}: the page bounds stay in k's dtype (exact) and the bound is
+    ``q+ . M + q- . m`` on tensor cores (fp32 accumulation); else FFMA.
     """
     qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "quest_score")
     P = _positive("page_size", page_size)
     n = _cdiv(Sk, P)
     ct, (acc_t, acc_dt) = _CT[kind], _acc(kind)
-    M = cp.empty((B, Hkv, n, D), cp.float64)
-    m = cp.empty((B, Hkv, n, D), cp.float64)
-    launch(get_kernel("score_pooled.cu", f"page_minmax<{ct}>"), (n, B * Hkv), (128,),
-           (kd, M, m, _I32(Sk), _I32(D), _I32(P), _I32(n)))
-    U = cp.empty((B, Hq, Sq, n), acc_dt)
     G = Hq // Hkv
-    launch(get_kernel("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 1>"),
-           (_cdiv(n, 64), _cdiv(Sq, 64), B * Hq), (256,),
-           (qd, M, m, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(n), _I32(D), _I32(P),
-            _I32(bool(causal))))
+    tc = _pooled_tc(kind, D)
+    bdt = _tdtype(kind) if tc else cp.float64
+    M = cp.empty((B, Hkv, n, D), bdt)
+    m = cp.empty((B, Hkv, n, D), bdt)
+    _run("score_pooled.cu", f"page_minmax<{ct}, {ct if tc else 'double'}>",
+         (_cdiv(n, 8), B * Hkv), (256,), (kd, M, m, _I32(Sk), _I32(D), _I32(P), _I32(n)))
+    U = cp.empty((B, Hq, Sq, n), acc_dt)
+    if tc:
+        _rowcol_tc(kind, 1, qd, M, m, U, Hq, G, Sq, Sk, n, D, P, causal)
+    else:
+        _run("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 1>",
+             (_cdiv(n, 64), _cdiv(Sq, 64), B * Hq), (256,),
+             (qd, M, m, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(n), _I32(D), _I32(P),
+              _I32(bool(causal))))
     if causal:
-        launch(get_kernel("score_pooled.cu", f"quest_own<{ct}, {acc_t}>"),
-               (_cdiv(Sq, 4), B * Hq), (128,),
-               (qd, kd, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(P), _I32(n)))
+        if D <= 256:   # one warp per (page, query head) over the pages that hold a row
+            p_lo, p_hi = max(0, Sk - Sq) // P, (Sk - 1) // P
+            _run("score_pooled.cu", f"quest_own_page<{ct}, {acc_t}>",
+                 (_cdiv(p_hi - p_lo + 1, 4), B * Hq), (128,),
+                 (qd, kd, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(P), _I32(n),
+                  _I32(p_lo), _I32(p_hi)))
+        else:
+            _run("score_pooled.cu", f"quest_own<{ct}, {acc_t}>", (_cdiv(Sq, 4), B * Hq), (128,),
+                 (qd, kd, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(P), _I32(n)))
     return _deliver((U,), out, host, ("bound",))
 
 
@@ -261,6 +401,21 @@ def _rms(x: Any) -> Any:
     return cp.sqrt(cp.mean(x * x, axis=(-2, -1)))
 
 
+def _bands(D: int, h_dim: int, l_dim: int) -> tuple[Any, ...]:
+    """Device copies of the band dims and their multiplicities, cached:
+    ``(w_hi, w_lo double [D], dims_hi, dims_lo int32, n_hi, n_lo)``."""
+    key = (cp.cuda.Device().id, D, h_dim, l_dim)
+    got = _BANDS.get(key)
+    if got is None:
+        hi, lo = _high_band(D, h_dim), _low_band(D, l_dim)
+        got = (cp.asarray(np.bincount(hi, minlength=D).astype(np.float64)),
+               cp.asarray(np.bincount(lo, minlength=D).astype(np.float64)),
+               cp.asarray(np.concatenate([hi, [0]]).astype(np.int32)),  # never empty
+               cp.asarray(np.concatenate([lo, [0]]).astype(np.int32)), len(hi), len(lo))
+        _BANDS[key] = got
+    return got
+
+
 @register("prism_score", "cupy")
 def prism_score(q: Any, k: Any, block_size: int, high_freq_dim: int, low_freq_dim: int,
                 calibrate: bool, high_temp: float, low_temp: float, *,
@@ -271,47 +426,41 @@ def prism_score(q: Any, k: Any, block_size: int, high_freq_dim: int, low_freq_di
     q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; with ``n_q = ceil(Sq/b)``, ``n_k =
     ceil(Sk/b)`` returns ``(logits_high, logits_low, probs_high, probs_low)``
     ``[B, Hq, n_q, n_k]`` (future blocks ``-inf`` / 0) and ``(scale_high, scale_low)``
-    ``[B, Hq]``. The block means (zero padding included) are one pass over Q and K in a
-    CUDA kernel; the small pooled products and softmaxes run as CuPy float64 array ops.
+    ``[B, Hq]``. Four launches, all float64: ``pool_blocks`` (the zero-padded block means of
+    Q and K in one pass, with each block's sums of squares for the calibration),
+    ``prism_scales`` (the band scales per head), then ``prism_band`` once per band (the
+    causal logits over the band's dims and the row softmax).
     """
     qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "prism_score")
     b = _positive("block_size", block_size)
     h_dim, l_dim = int(high_freq_dim), int(low_freq_dim)
     nq, nk = _cdiv(Sq, b), _cdiv(Sk, b)
-    ct = _CT[kind]
-    pool = get_kernel("score_pooled.cu", f"pool_mean<{ct}>")
-    qb = cp.empty((B, Hq, nq, D), cp.float64)
-    kb = cp.empty((B, Hkv, nk, D), cp.float64)
-    launch(pool, (nq, B * Hq), (128,), (qd, qb, _I32(Sq), _I32(D), _I32(b), _I32(nq), _I32(0), _I32(0)))
-    launch(pool, (nk, B * Hkv), (128,), (kd, kb, _I32(Sk), _I32(D), _I32(b), _I32(nk), _I32(0), _I32(0)))
-    kb = cp.repeat(kb, Hq // Hkv, axis=1)                              # [B, Hq, nk, D]
-    hi = cp.asarray(_high_band(D, h_dim))
-    lo = cp.asarray(_low_band(D, l_dim))
-    if calibrate:
-        rq = cp.maximum(_rms(qb), 1e-6)
-        rk = cp.maximum(_rms(kb), 1e-6)
-        t_h = math.sqrt(h_dim / D) * (_rms(qb[..., hi]) / rq) * (_rms(kb[..., hi]) / rk)
-        t_l = math.sqrt(l_dim / D) * (_rms(qb[..., lo]) / rq) * (_rms(kb[..., lo]) / rk)
-    else:
-        t_h = cp.full((B, Hq), float(high_temp))
-        t_l = cp.full((B, Hq), float(low_temp))
-    sh = math.sqrt(h_dim) * t_h
-    sl = math.sqrt(l_dim) * t_l
-    future = cp.asarray(np.arange(nk)[None, :] > np.arange(nq)[:, None] + (nk - nq))
-    res = []
-    for dims, s in ((hi, sh), (lo, sl)):
-        z = cp.matmul(qb[..., dims], cp.swapaxes(kb[..., dims], -1, -2)) / s[..., None, None]
-        z = cp.where(future, -cp.inf, z)
-        mx = z.max(axis=-1, keepdims=True)
-        live = cp.isfinite(mx)
-        e = cp.exp(z - cp.where(live, mx, 0.0))
-        p = cp.where(live, e / cp.where(live, e.sum(axis=-1, keepdims=True), 1.0), 0.0)
-        res.append((z, p))
-    (zh, ph), (zl, pl) = res
+    G = Hq // Hkv
+    V = _vec(kind, D)
+    w_hi, w_lo, dims_hi, dims_lo, n_hi, n_lo = _bands(D, h_dim, l_dim)
+    qb = cp.empty((B * Hq, nq, D), cp.float64)
+    kb = cp.empty((B * Hkv, nk, D), cp.float64)
+    stq = cp.empty((B * Hq, nq, 3), cp.float64)
+    stk = cp.empty((B * Hkv, nk, 3), cp.float64)
+    _run("score_pooled.cu", f"pool_blocks<{_CT[kind]}, {V}, double>",
+         (max(nq, nk), B * Hq + B * Hkv), (256,),
+         (qd, qb, stq, _I32(B * Hq), _I32(Sq), _I32(nq), kd, kb, stk, _I32(Sk), _I32(nk),
+          _I32(D), _I32(b), _I32(0), _I32(0), _I32(1), w_hi, w_lo),
+         shared_mem=_pool_smem(D, V))
+    sh = cp.empty((B, Hq), cp.float64)
+    sl = cp.empty((B, Hq), cp.float64)
+    _run("score_pooled.cu", "prism_scales<double>", (B * Hq,), (256,),
+         (stq, stk, sh, sl, _I32(Hq), _I32(G), _I32(nq), _I32(nk), _I32(D), _I32(n_hi),
+          _I32(n_lo), _I32(h_dim), _I32(l_dim), _I32(bool(calibrate)), _F64(float(high_temp)),
+          _F64(float(low_temp))))
+    zh, zl, ph, pl = (cp.empty((B, Hq, nq, nk), cp.float64) for _ in range(4))
+    for dims, nd, sig, z, p in ((dims_hi, n_hi, sh, zh, ph), (dims_lo, n_lo, sl, zl, pl)):
+        _run("score_pooled.cu", "prism_band<double>", (_cdiv(nq, 64), B * Hq), (256,),
+             (qb, kb, dims, _I32(nd), sig, z, p, _I32(Hq), _I32(G), _I32(nq), _I32(nk), _I32(D)))
     return _deliver((zh, zl, ph, pl, sh, sl), out, host,
                     ("logits_high", "logits_low", "probs_high", "probs_low", "scale_high",
                      "scale_low"))
 
 
 __all__ = ["xattention_score", "moba_score", "quest_score", "prism_score",
-           "xattention_fast_path"]
+           "xattention_fast_path", "XA_CONFIGS"]
