@@ -22,6 +22,12 @@ Which kernel runs (all agree with the float64 reference within the DESIGN tolera
   D == Dv in {64, 128}, 16-bit inputs: ``attn_fwd_wgmma.cu`` (wgmma + TMA, warp-specialised,
   compiled for sm_90a), over the same index form; anything it cannot take, or a failure to
   build it, falls back to the mma.sync kernel.
+* Hopper (sm_90), per-token routing forward (block_q == 1), when ``REFATTN_MOBA_WGMMA``
+  (default :data:`MOBA_WGMMA_DEFAULT`, "0" until the device probe passes) is not "0":
+  16-bit inputs, D == Dv in {64, 128}, block_k in {64, 128}: ``attn_gather_wgmma.cu``
+  (wgmma + TMA, the key block held in shared memory while gathered query tiles stream
+  through, 16-bit partials, ``attn_combine_part``); anything else, or a failure to build
+  it, stays on the mma.sync gather kernels.
 * Hopper (sm_90), backward, when ``REFATTN_WGMMA_BWD`` (default :data:`WGMMA_BWD_DEFAULT`) is
   not "0": dense, or block_q % 64 == 0 and block_k % 128 == 0, D == Dv == 128, 16-bit inputs:
   ``attn_bwd_wgmma.cu`` (wgmma + TMA, warp-specialised, sm_90a) over the transposed index
@@ -38,7 +44,9 @@ Modules (private ones start with ``_``; every name below stays importable from h
 * ``_attn_common.py``: arrays (``_Dev``, ``_to_device``, ``_kernel_ready``, ``_cast``), shapes
   (``_shape``), outputs (``_check_out``, ``_deliver``) and the device-side mask caches
   (``_cached``, ``_index_args``, ``_prepare``);
-* ``_attn_gather.py``: per-token routing (``_gather_plan`` and the gather launches);
+* ``_attn_gather.py``: per-token routing (``_gather_plan``, the gather launches, and the
+  Hopper wgmma gather forward ``fwd_gather_wgmma``, called here as ``_fwd_gather_wgmma``
+  through this module's globals, with its switch and ``MOBA_WGMMA_CONFIG``);
 * ``_attn_wgmma.py``: the Hopper wgmma forward and backward, their switches, tunables
   (``WGMMA_CONFIG``, ``WGMMA_BWD_CONFIG``, dicts changed in place) and tensor maps.
   ``_fwd_wgmma`` / ``_bwd_wgmma`` are called through this module's globals, so wrapping
@@ -82,7 +90,19 @@ from ._attn_common import (  # noqa: F401  (re-exported: tests and scripts use t
     _strides,
     _to_device,
 )
-from ._attn_gather import _gather_plan, bwd_gather, fwd_gather  # noqa: F401
+from ._attn_gather import (  # noqa: F401  (re-exported: tests and scripts use them from here)
+    _MOBA_WGMMA_BROKEN,
+    MOBA_WGMMA_CONFIG,
+    MOBA_WGMMA_DEFAULT,
+    _gather_plan,
+    _moba_wgmma_fits,
+    bwd_gather,
+    fwd_gather,
+    moba_wgmma_enabled,
+    moba_wgmma_kernel,
+    moba_wgmma_smem,
+)
+from ._attn_gather import fwd_gather_wgmma as _fwd_gather_wgmma  # noqa: F401
 from ._attn_wgmma import (  # noqa: F401  (re-exported: tests and scripts use them from here)
     _TMAP_DTYPE,
     _TMAPS,
@@ -217,6 +237,17 @@ def attention_fwd(q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False
         return _deliver((o, lse), out, host)
 
     # gather (per-token routing, block_q = 1)
+    if moba_wgmma_enabled() and _moba_wgmma_fits(qd, shape, m):
+        try:
+            _fwd_gather_wgmma(qd, kd, vd, shape, m, o, lse, sl2, cz)
+            return _deliver((o, lse), out, host)
+        except ValueError:  # a geometry TMA cannot describe: this call only
+            pass
+        except Exception as e:  # build or driver failure: stay on the mma.sync gather
+            _MOBA_WGMMA_BROKEN.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"refattn: the wgmma per-token-routing forward is unavailable "
+                          f"({type(e).__name__}: {e}); using the mma.sync gather kernels",
+                          RuntimeWarning, stacklevel=2)
     fwd_gather(qd, kd, vd, shape, m, o, lse, sl2, cz, GATHER_BM)
     return _deliver((o, lse), out, host)
 

@@ -24,6 +24,18 @@ localise a failure:
   bwdbench S = 8192 and 32768 (as bench): mma.sync backward, wgmma backward (st 2 / 3, whole
            call and kernel only), its max |diff| to mma.sync, the wgmma forward (for the
            bwd / fwd ratio) and SDPA flash / cuDNN dense causal backward when torch exists
+  moba     the wgmma per-token-routing (MoBA, block_q = 1) gather (``gpu/attn_gather_wgmma.cu``):
+           build (registers, spills), then the partials of the gather kernel alone against
+           float64 per-(row, block) partials (localised: entry of the 128-row tile -> consumer
+           warpgroup / warp / row-in-16, d columns, key-block position), then the whole
+           forward (gather + combine) against the float64 reference under check_fwd's rule
+           (bf16 / fp16, D 64 / 128, block_k 64 / 128, causal or not, GQA, Sq != Sk, partial
+           blocks, empty rows, segments longer than one CTA's rows) for every variant (rows
+           per CTA, ring depth, 16-bit or fp32 partials), the mma.sync gather's error beside it
+  mobabench S = 8192 and 32768 (as bench_gpu.py's MoBA table: top-8 of 128-key blocks, own
+           block always chosen, random scores): the mma.sync gather (current default), every
+           wgmma variant (whole call; gather kernel alone; combine = difference; max |diff| to
+           mma.sync), and the yardstick: the default block-mask forward at the same density
   bench    S = 8192 and 32768, H = 32, D = 128, bf16, causal, causal-ish 128x128 block masks
            at density 0.1 / 0.3 / 1.0 (and mask=None): the mma.sync kernel, every wgmma
            variant (with its max |diff| to mma.sync), FlexAttention and SDPA cuDNN when torch
@@ -54,7 +66,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 STAGES = {"feature": 150, "ss": 90, "rs": 90, "tma": 90, "fwd": 200, "bench": 300, "bwd": 180,
-          "bwdbench": 240}
+          "bwdbench": 240, "moba": 140, "mobabench": 95}
+# variants of the wgmma per-token-routing gather: (rows per CTA, Q ring depth, partial type)
+MOBA_VARIANTS = [(512, 2, "t"), (128, 2, "t"), (512, 3, "t"), (512, 2, "f32")]
 BWD_STAGES = (2, 3)  # depths of the Q / dO ring of the wgmma backward
 VARIANTS = [(2, True), (2, False), (3, True), (3, False)]  # (stages, overlap)
 
@@ -793,6 +807,323 @@ def stage_bwdbench(args) -> None:
         ga._TMAPS.clear()
         cp.get_default_memory_pool().free_all_blocks()
 
+
+
+# ----------------------------------------------------------------------------- MoBA (per-token routing)
+def _moba_cases():
+    """(name, dtype, B, Hq, Hkv, Sq, Sk, D, causal, block_k, topk)"""
+    return [
+        ("moba bk128 causal 1000x1000 GQA 2:1", "bf16", 1, 4, 2, 1000, 1000, 128, True, 128, 3),
+        ("moba bk128 causal 1500x1500 (long segments)", "bf16", 1, 2, 1, 1500, 1500, 128, True, 128, 8),
+        ("moba bk128 non-causal 700x900", "bf16", 2, 4, 2, 700, 900, 128, False, 128, 3),
+        ("moba bk64 causal 700x900 fp16", "fp16", 2, 4, 2, 700, 900, 128, True, 64, 4),
+        ("moba bk128 D=64 causal 700x900", "bf16", 2, 4, 2, 700, 900, 64, True, 128, 3),
+        ("moba bk64 D=64 causal fp16 600x600", "fp16", 1, 4, 1, 600, 600, 64, True, 64, 4),
+        ("moba causal Sq>Sk 300x130 (empty rows)", "bf16", 1, 2, 1, 300, 130, 128, True, 64, 2),
+        ("moba bk128 causal partial 333x333", "fp16", 1, 2, 2, 333, 333, 128, True, 128, 2),
+    ]
+
+
+def _moba_ref_partials(q, k, v, mask, causal, scale, plan_rows, plan_kb, plan_bh, Hq, Hkv):
+    """float64 per-pair partials: O / l over the pair's key block, log2-sum-exp."""
+    bk = mask.block_k
+    Sq, Sk = q.shape[2], k.shape[2]
+    off = Sk - Sq
+    G = Hq // Hkv
+    n = plan_rows.size
+    D = q.shape[-1]
+    po = np.zeros((n, D))
+    pl = np.full(n, -np.inf)
+    qf, kf, vf = (x.astype(np.float64) for x in (q, k, v))
+    for i in range(n):
+        b, h = divmod(int(plan_bh[i]), Hq)
+        r, kb = int(plan_rows[i]), int(plan_kb[i])
+        keys = np.arange(kb * bk, min(Sk, kb * bk + bk))
+        if causal:
+            keys = keys[keys <= r + off]
+        if keys.size == 0:
+            continue
+        s_ = kf[b, h // G, keys] @ qf[b, h, r] * scale
+        mx = s_.max()
+        p = np.exp(s_ - mx)
+        po[i] = p @ vf[b, h // G, keys] / p.sum()
+        pl[i] = (mx + np.log(p.sum())) / math.log(2)
+    return po, pl
+
+
+def stage_moba(args) -> None:
+    cp, ml_dtypes, _build, ga = _setup()
+    from refattn.core.registry import dispatch
+    from refattn.reference.attention import attention_forward
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        from test_gpu_attention import EPS, LSE_ATOL, RELNORM, baseline, moba_mask
+    except BaseException as e:  # pytest missing, or its module-level skip
+        result("moba", "import tests/test_gpu_attention.py helpers", False, f"{type(e).__name__}: {e}")
+        return
+
+    log(f"options for attn_gather_wgmma.cu: {_build.compile_options('attn_gather_wgmma.cu')}")
+    try:
+        fn = _build.get_kernel("attn_gather_wgmma.cu", "moba_wgmma_feature_probe")
+        out = cp.zeros(2, cp.int32)
+        fn((1,), (32,), (out,))
+        o_ = out.get()
+        result("moba", "sm_90a feature macro (attn_gather_wgmma.cu)", bool(o_[0] == 1),
+               f"REFATTN_SM90A={o_[0]} __CUDA_ARCH__={o_[1]}")
+    except Exception as e:
+        result("moba", "build moba_wgmma_feature_probe", False, f"{type(e).__name__}: {str(e)[:2000]}")
+        return
+    for T, PT, D, BN, st in (("__nv_bfloat16", "__nv_bfloat16", 128, 128, 2),
+                             ("__nv_bfloat16", "float", 128, 128, 2),
+                             ("__nv_bfloat16", "__nv_bfloat16", 128, 128, 3),
+                             ("__half", "__half", 128, 64, 2)):
+        t0 = time.time()
+        try:
+            fn, nm = ga.moba_wgmma_kernel(T, PT, D, BN, st)
+            result("moba", f"build {nm}", fn.local_size_bytes == 0,
+                   f"regs {fn.num_regs} local {fn.local_size_bytes} B static smem "
+                   f"{fn.shared_size_bytes} dyn smem {ga.moba_wgmma_smem(D, BN, st)} "
+                   f"({time.time() - t0:.1f} s)")
+        except Exception as e:
+            result("moba", f"build {T} {PT} D={D} BN={BN} st={st}", False,
+                   f"{type(e).__name__}: {str(e)[:2000]}")
+            return
+
+    # ---- the gather kernel's partials alone, against float64 partials (small case)
+    for kind, D, bk, causal in (("bf16", 128, 128, True), ("fp16", 64, 64, True),
+                                ("bf16", 128, 64, False)):
+        rng = np.random.default_rng(500 + D + bk)
+        B, Hq, Hkv, Sq, Sk = 1, 2, 1, 400, 400
+        q, k, v = (rng.standard_normal(s_).astype(np.float32)
+                   for s_ in ((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D)))
+        q, k, v = (_to16(x, kind, ml_dtypes)[0] for x in (q, k, v))
+        mask = moba_mask(rng, B, Hq, Sq, Sk, bk, 3, causal)
+        scale = 1 / math.sqrt(D)
+        for rows, st, pk in ((128, 2, "f32"), (256, 2, "t")):
+            what = f"partials {kind} D={D} bk={bk} causal={int(causal)} rows={rows} st={st} {pk}"
+            try:
+                qd, kd, vd = (ga._kernel_ready(ga._to_device(x, n)) for x, n in
+                              ((q, "q"), (k, "k"), (v, "v")))
+                shape = ga._shape(qd, kd, vd)
+                m = ga._prepare(mask, shape)
+                po, pl, plan = ga._fwd_gather_wgmma(
+                    qd, kd, vd, shape, m, None, None, np.float32(scale * ga.LOG2E),
+                    np.int32(causal), rows=rows, stages=st, partial=pk, combine=False)
+                cp.cuda.runtime.deviceSynchronize()
+                nnz = plan["nnz"]
+                # pair p (row-major order) -> (b, h, row, kb)
+                flat = np.flatnonzero(np.broadcast_to(m.mask, (B, Hq, Sq, m.num_k_blocks)).ravel())
+                Kb = m.num_k_blocks
+                kbs, bhr = flat % Kb, flat // Kb
+                rws, bhs = bhr % Sq, bhr // Sq
+                ref_o, ref_l = _moba_ref_partials(q, k, v, m, causal, scale, rws, kbs, bhs, Hq, Hkv)
+                got_o = po.get()[:nnz]
+                if pk == "t":
+                    got_o = (got_o.view(ml_dtypes.bfloat16) if kind == "bf16"
+                             else got_o.view(np.float16)).astype(np.float64)
+                got_l = pl.get()[:nnz].astype(np.float64)
+                fin = np.isfinite(ref_l)
+                emp_ok = bool(np.array_equal(np.isfinite(got_l), fin) and (got_o[~fin] == 0).all())
+                oerr = np.abs(got_o - ref_o)
+                err = float(oerr.max(initial=0.0))
+                lerr = float(np.abs(got_l[fin] - ref_l[fin]).max(initial=0.0))
+                tol_o = (2 ** -7 if kind == "bf16" else 2 ** -9) * max(1.0, np.abs(ref_o).max())
+                ok = bool(emp_ok and err <= tol_o and lerr <= 5e-3 and not np.isnan(got_o).any())
+                result("moba", what, ok, f"max err o {err:.3g} (tol {tol_o:.2g}) lse2 {lerr:.2g} "
+                       f"pairs {nnz} chunks {plan['ntiles']}" + ("" if emp_ok else " EMPTY-WRONG"))
+                if not ok:
+                    # entry of each pair inside its chunk's 128-row tiles
+                    g_pair = plan["g_pair"].get()
+                    seg_off = plan["seg_off"].get()
+                    tseg, tstart = plan["tile_seg"].get(), plan["tile_start"].get()
+                    entry = np.empty(nnz, np.int64)
+                    for ci in range(tseg.size):
+                        a0 = seg_off[tseg[ci]] + tstart[ci]
+                        n_ = min(rows, int(plan["seg_cnt"].get()[tseg[ci]]) - int(tstart[ci]))
+                        entry[g_pair[a0:a0 + n_]] = np.arange(n_)
+                    bad = (oerr > 0.05 * max(1.0, np.abs(ref_o).max())).any(axis=1) | (
+                        np.abs(np.nan_to_num(got_l, nan=1e30) - ref_l) > 5e-3) & fin
+                    e = entry[bad] % 128
+                    cols = np.nonzero((oerr > 0.05 * max(1.0, np.abs(ref_o).max())).any(axis=0))[0]
+                    log(f"      {bad.sum()} bad pairs of {nnz}; by consumer wg {np.bincount(e // 64, minlength=2)}, "
+                        f"by warp {np.bincount((e // 16) % 4, minlength=4)}, by row-in-16 "
+                        f"{np.bincount(e % 16, minlength=16)}; by tile-of-chunk "
+                        f"{np.bincount(entry[bad] // 128)}; bad d cols {cols[:24]}")
+                    own = (rws[bad] + Sk - Sq) // bk == kbs[bad]
+                    log(f"      bad pairs on the own (diagonal) block {own.sum()}, others {(~own).sum()}; "
+                        f"first bad: row {rws[bad][:4]} kb {kbs[bad][:4]} got lse2 {got_l[bad][:4]} "
+                        f"want {ref_l[bad][:4]}")
+            except Exception as e:
+                result("moba", what, False, f"{type(e).__name__}: {str(e)[:500]}")
+                traceback.print_exc()
+            if ga._MOBA_WGMMA_BROKEN:
+                return
+
+    # ---- the whole forward against the float64 reference
+    fwd = dispatch("attention_fwd", "cupy")
+    calls = {"n": 0}
+    real = ga._fwd_gather_wgmma
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    ga._fwd_gather_wgmma = counting
+    saved = dict(ga.MOBA_WGMMA_CONFIG)
+    for ci, (name, kind, B, Hq, Hkv, Sq, Sk, D, causal, bk, topk) in enumerate(_moba_cases()):
+        rng = np.random.default_rng(600 + ci)
+        q, k, v = (rng.standard_normal(s_).astype(np.float32)
+                   for s_ in ((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D)))
+        q, k, v = (_to16(x, kind, ml_dtypes)[0] for x in (q, k, v))
+        mask = moba_mask(rng, B, Hq, Sq, Sk, bk, topk, causal)
+        scale = 1 / math.sqrt(D)
+        ref_o, ref_l = attention_forward(q, k, v, mask, causal, scale)
+        empty = ~np.isfinite(ref_l)
+        base = baseline(q, k, v, mask, causal, scale, kind)
+        bound = 2 * np.abs(base - ref_o).max(initial=0.0) + EPS[kind] * max(1.0, np.abs(ref_o).max(initial=0.0))
+        dq, dk, dv = (cp.asarray(x) for x in (q, k, v))
+
+        def run(env, dq=dq, dk=dk, dv=dv, mask=mask, causal=causal, scale=scale):
+            os.environ["REFATTN_MOBA_WGMMA"] = env
+            o = cp.full(dq.shape[:3] + (dv.shape[-1],), cp.nan, cp.float32)
+            l_ = cp.full(dq.shape[:3], cp.nan, cp.float32)
+            fwd(dq, dk, dv, mask, causal, scale, out=(o, l_))
+            return o.get(), l_.get()
+
+        try:
+            o0, _ = run("0")
+            base_err = np.abs(o0 - ref_o).max(initial=0.0)
+        except Exception as e:
+            base_err = float("nan")
+            log(f"      mma.sync gather failed: {e}")
+        # every variant on the bf16 D = 128 block_k = 128 cases, the default one elsewhere
+        # (each (dtype, D, block_k, partial, depth) is one more NVRTC build)
+        for rows, st, pk in (MOBA_VARIANTS if ci < 3 else MOBA_VARIANTS[:1]):
+            ga.MOBA_WGMMA_CONFIG.update(rows=rows, stages=st, partial=pk)
+            what = f"{name} [{kind} rows={rows} st={st} {pk}]"
+            try:
+                n0 = calls["n"]
+                t0 = time.time()
+                o, l_ = run("1")
+                took = time.time() - t0
+                used = calls["n"] > n0 and not ga._MOBA_WGMMA_BROKEN
+                err = np.abs(o - ref_o).max(initial=0.0)
+                rel = np.linalg.norm(o - ref_o) / max(np.linalg.norm(ref_o), 1e-30)
+                fin = ~empty
+                lerr = np.abs(l_[fin] - ref_l[fin]).max(initial=0.0)
+                nan = bool(np.isnan(o).any() or np.isnan(l_).any())
+                emp_ok = bool(np.array_equal(~np.isfinite(l_), empty) and (o[empty] == 0).all())
+                ok = (used and not nan and emp_ok and rel <= RELNORM[kind] and lerr <= LSE_ATOL[kind]
+                      and err <= bound)
+                result("moba", what, ok,
+                       f"max err {err:.3g} (bound {bound:.3g}, mma.sync {base_err:.3g}) rel {rel:.2g} "
+                       f"lse {lerr:.2g}"
+                       + ("" if used else " NOT-ON-WGMMA-PATH " + "; ".join(ga._MOBA_WGMMA_BROKEN))
+                       + (" NaN" if nan else "") + ("" if emp_ok else " EMPTY-ROWS-WRONG")
+                       + (" SLOW(>1.5s: barrier timeout?)" if took > 1.5 else ""))
+                if not ok and used and not nan:
+                    bad = np.abs(o - ref_o) > 0.05 * max(1.0, np.abs(ref_o).max())
+                    rows_bad = np.nonzero(bad.any(axis=(0, 1, 3)))[0]
+                    log(f"      {bad.sum()} bad elements, rows (first 12) {rows_bad[:12]}, "
+                        f"d cols {np.nonzero(bad.any(axis=(0, 1, 2)))[0][:16]}")
+            except Exception as e:
+                result("moba", what, False, f"{type(e).__name__}: {str(e)[:500]}")
+            if ga._MOBA_WGMMA_BROKEN:
+                log("      (path marked broken; stopping this stage)")
+                ga.MOBA_WGMMA_CONFIG.update(saved)
+                return
+    ga.MOBA_WGMMA_CONFIG.update(saved)
+    os.environ["REFATTN_MOBA_WGMMA"] = "0"
+    log("(max err against float64; bound = check_fwd's rule: 2 x the emulated bf16/fp16 baseline's "
+        "error + eps; mma.sync = the current gather kernels' error)")
+
+
+def stage_mobabench(args) -> None:
+    cp, ml_dtypes, _build, ga = _setup()
+    import bench_gpu as bg
+
+    from refattn.core.blockmask import BlockMask
+    from refattn.core.registry import dispatch
+
+    bg.torch = None  # no torch work in this stage: plain CUDA-event timing
+    fwd = dispatch("attention_fwd", "cupy")
+    H, D, B = 32, 128, 1
+    rng = np.random.default_rng(0)
+    it = max(3, args.iters)
+    saved = dict(ga.MOBA_WGMMA_CONFIG)
+    for S in args.seq:
+        log(f"\n== MoBA forward: S = {S}, H = {H}, D = {D}, bf16, causal, top-8 of 128-key blocks ==")
+        qf = cp.random.standard_normal((3, B, H, S, D), dtype=cp.float32)
+        bits = qf.view(cp.uint32)
+        bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
+        del qf, bits
+        try:
+            bf = bf.view(ml_dtypes.bfloat16)
+        except Exception:
+            bf = cp.asarray(bf.get().view(ml_dtypes.bfloat16))
+        q, k, v = bf[0], bf[1], bf[2]
+        t0 = time.time()
+        mm, pairs = bg.moba_mask_device(H, S, 128, 8)
+        mmask = BlockMask(mm, block_q=1, block_k=128, q_len=S, k_len=S)
+        del mm
+        dens = pairs / (H * S * (S + 1) / 2)
+        flops = 4.0 * D * pairs
+        log(f"  (mask built in {time.time() - t0:.1f} s; density of visible pairs {dens:.4f})")
+        # yardstick: the default block-mask forward at the same density
+        bmask = bg.causalish_mask(rng, H, S, 128, dens)
+        bflops = 4.0 * D * bg.visible_pairs_blockmask(bmask, True)
+        os.environ.pop("REFATTN_MOBA_WGMMA", None)
+        fwd(q, k, v, bmask, True, None)
+        ms_b = bg.timeit(fwd, it, q, k, v, bmask, True, None)
+        block_rate = bflops / ms_b / 1e9
+        result("mobabench", f"S={S} block mask same density {bmask.density(causal=True):.4f} (yardstick)",
+               None, f"{ms_b:8.3f} ms {block_rate:6.1f} TFLOP/s")
+        del bmask
+        os.environ["REFATTN_MOBA_WGMMA"] = "0"
+        t0 = time.time()
+        ref_o = fwd(q, k, v, mmask, True, None)[0]
+        cp.cuda.runtime.deviceSynchronize()
+        log(f"  (mma.sync gather first call incl. plan: {time.time() - t0:.1f} s)")
+        ms0 = bg.timeit(fwd, it, q, k, v, mmask, True, None)
+        r0 = flops / ms0 / 1e9
+        result("mobabench", f"S={S} mma.sync gather (current default)", None,
+               f"{ms0:8.3f} ms {r0:6.1f} TFLOP/s  {r0 / block_rate:5.2f} of block rate")
+        qd, kd, vd = (ga._kernel_ready(ga._to_device(x, n)) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+        shape = ga._shape(qd, kd, vd)
+        m = ga._prepare(mmask, shape)
+        sl2 = np.float32(ga.LOG2E / math.sqrt(D))
+        for rows, st, pk in MOBA_VARIANTS:
+            ga.MOBA_WGMMA_CONFIG.update(rows=rows, stages=st, partial=pk)
+            os.environ["REFATTN_MOBA_WGMMA"] = "1"
+            what = f"S={S} wgmma gather rows={rows} st={st} {pk}"
+            try:
+                o = fwd(q, k, v, mmask, True, None)[0]
+                diff = float(cp.abs(o - ref_o).max())
+                del o
+                ms = bg.timeit(fwd, it, q, k, v, mmask, True, None)
+                rate = flops / ms / 1e9
+                ok = diff < 2e-2 and not ga._MOBA_WGMMA_BROKEN
+                o2 = cp.empty((B, H, S, D), cp.float32)
+                l2 = cp.empty((B, H, S), cp.float32)
+                ms_g = bg.timeit(ga._fwd_gather_wgmma, it, qd, kd, vd, shape, m, o2, l2, sl2,
+                                 np.int32(1), combine=False)
+                del o2, l2
+                result("mobabench", what, ok,
+                       f"{ms:8.3f} ms {rate:6.1f} TFLOP/s  {rate / block_rate:5.2f} of block rate  "
+                       f"x{ms0 / ms:4.2f} vs mma.sync  gather kernel {ms_g:.3f} ms, combine+rest "
+                       f"{ms - ms_g:.3f} ms  max|diff| {diff:.3g}")
+            except Exception as e:
+                result("mobabench", what, False, f"{type(e).__name__}: {str(e)[:300]}")
+            if ga._MOBA_WGMMA_BROKEN:
+                break
+            cp.get_default_memory_pool().free_all_blocks()
+        ga.MOBA_WGMMA_CONFIG.update(saved)
+        os.environ["REFATTN_MOBA_WGMMA"] = "0"
+        del q, k, v, bf, ref_o, mmask, m, qd, kd, vd
+        ga._CACHE.clear()
+        ga._TMAPS.clear()
+        cp.get_default_memory_pool().free_all_blocks()
 
 # ----------------------------------------------------------------------------- driver
 def main() -> None:

@@ -1,5 +1,6 @@
-"""The Hopper wgmma forward (``gpu/attn_fwd_wgmma.cu``) and backward (``gpu/attn_bwd_wgmma.cu``),
-sm_90a, against the float64 reference.
+"""The Hopper wgmma forward (``gpu/attn_fwd_wgmma.cu``), backward (``gpu/attn_bwd_wgmma.cu``)
+and per-token-routing gather forward (``gpu/attn_gather_wgmma.cu``), sm_90a, against the
+float64 reference.
 
 Runs the forward cases of ``test_gpu_attention.py`` that the wgmma path takes (16-bit
 inputs, D = Dv in {64, 128}, dense or block_q % 128 == 0 and block_k % 64 == 0) with
@@ -239,4 +240,80 @@ def test_backward_matches_mma_sync(monkeypatch):
 def test_backward_no_spills():
     for st in (2, 3):
         fn, name = ga.wgmma_bwd_kernel("__nv_bfloat16", 128, st)
+        assert fn.local_size_bytes == 0, f"{name} spills {fn.local_size_bytes} B"
+
+
+# ------------------------------------------------------------------------------ per-token routing
+@pytest.fixture
+def moba_wgmma(monkeypatch):
+    """REFATTN_MOBA_WGMMA=1 and a counter of wgmma gather launches; fails if the path was
+    not taken."""
+    monkeypatch.setenv("REFATTN_MOBA_WGMMA", "1")
+    calls = {"n": 0}
+    real = ga._fwd_gather_wgmma
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ga, "_fwd_gather_wgmma", counting)
+    yield calls
+    assert not ga._MOBA_WGMMA_BROKEN, f"wgmma gather failed: {ga._MOBA_WGMMA_BROKEN}"
+    assert calls["n"] > 0, "the wgmma gather kernel did not run"
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("D,bk", [(128, 128), (128, 64), (64, 128), (64, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_moba_wgmma(moba_wgmma, dt, D, bk, causal):
+    rng = np.random.default_rng(80 + D + bk + causal)
+    Sq, Sk = 700, 900
+    q, k, v = tga.qkv(rng, 2, 4, 2, Sq, Sk, D, dt)  # GQA, Sq != Sk, partial blocks
+    mask = tga.moba_mask(rng, 2, 4, Sq, Sk, bk, 3, causal)
+    tga.check_fwd(q, k, v, mask, causal, dt, device=True)
+
+
+@pytest.mark.parametrize("rows,stages,partial", [(128, 2, "t"), (512, 3, "t"), (256, 2, "f32")])
+def test_moba_wgmma_variants(moba_wgmma, monkeypatch, rows, stages, partial):
+    """Segments longer than one CTA's rows (several chunks and tiles per segment), every ring
+    depth and partial type."""
+    monkeypatch.setitem(ga.MOBA_WGMMA_CONFIG, "rows", rows)
+    monkeypatch.setitem(ga.MOBA_WGMMA_CONFIG, "stages", stages)
+    monkeypatch.setitem(ga.MOBA_WGMMA_CONFIG, "partial", partial)
+    rng = np.random.default_rng(90 + rows + stages)
+    q, k, v = tga.qkv(rng, 1, 2, 1, 1500, 1500, 128, "bf16")
+    mask = tga.moba_mask(rng, 1, 2, 1500, 1500, 128, 8, True)
+    tga.check_fwd(q, k, v, mask, True, "bf16", device=True)
+
+
+def test_moba_wgmma_empty_rows(moba_wgmma):
+    """Sq > Sk, causal: the first rows choose no block (0, -inf)."""
+    rng = np.random.default_rng(95)
+    q, k, v = tga.qkv(rng, 1, 2, 1, 300, 130, 128, "bf16")
+    mask = tga.moba_mask(rng, 1, 2, 300, 130, 64, 2, True)
+    _, l = tga.check_fwd(q, k, v, mask, True, "bf16", device=True)
+    assert (l[:, :, :170] == -np.inf).all()
+
+
+def test_moba_wgmma_matches_mma_sync(monkeypatch):
+    """The wgmma and mma.sync gathers agree on the same device inputs."""
+    from refattn.core.registry import dispatch
+
+    fwd = dispatch("attention_fwd", "cupy")
+    rng = np.random.default_rng(97)
+    q, k, v = (cp.asarray(x) for x in tga.qkv(rng, 1, 4, 2, 1024, 1024, 128, "bf16"))
+    mask = tga.moba_mask(rng, 1, 4, 1024, 1024, 128, 4, True)
+    monkeypatch.setenv("REFATTN_MOBA_WGMMA", "0")
+    ref_o, ref_l = (x.get() for x in fwd(q, k, v, mask, True, None))
+    monkeypatch.setenv("REFATTN_MOBA_WGMMA", "1")
+    o, l = (x.get() for x in fwd(q, k, v, mask, True, None))
+    assert not ga._MOBA_WGMMA_BROKEN, ga._MOBA_WGMMA_BROKEN
+    assert np.abs(o - ref_o).max() < 1e-2
+    assert np.abs(l - ref_l).max() < 2e-3
+
+
+def test_moba_wgmma_no_spills():
+    for T, PT, D, BN in (("__nv_bfloat16", "__nv_bfloat16", 128, 128),
+                         ("__half", "float", 64, 64)):
+        fn, name = ga.moba_wgmma_kernel(T, PT, D, BN, 2)
         assert fn.local_size_bytes == 0, f"{name} spills {fn.local_size_bytes} B"
