@@ -30,7 +30,8 @@ _SOURCES: dict[str, str] = {}
 #: ``sm_XY`` of the device; a file listed here compiles for the given target on that device.
 ARCH_OVERRIDES: dict[str, dict[int, str]] = {"attn_fwd_wgmma.cu": {90: "sm_90a"},
                                                "attn_bwd_wgmma.cu": {90: "sm_90a"},
-                                               "attn_gather_wgmma.cu": {90: "sm_90a"}}
+                                               "attn_gather_wgmma.cu": {90: "sm_90a"},
+                                               "score_xattn_wgmma.cu": {90: "sm_90a"}}
 
 
 def device_cc(device: int | None = None) -> int:

@@ -61,15 +61,25 @@ XA_CONFIGS: dict[str, tuple[int, int, int, int] | None] = {
     "128x128k128": (2, 2, 128, 3),  # 4 warps, 209 KB
     "128x256": (2, 4, 64, 3),       # 8 warps, 166 KB
     "v1": None,                     # 4 warps, 55 KB
+    # Hopper only (score_xattn_wgmma.cu, sm_90a): CTA 128 x 256 = 2 consumer warpgroups of
+    # wgmma m64n256k16 + 1 TMA producer warpgroup, 64-element k-slices, a ring of
+    # STAGES = 4 48 KB stages (193 KB). Taken on sm_90 devices for bf16/fp16, D % 64 == 0
+    # and L % stride == 0 (the TMA view [L/S, S, D]); elsewhere "128x256" runs instead.
+    "wgmma": (2, 4, 64, 4),
 }
-#: The XAttention kernel used (a key of XA_CONFIGS): 128x256 was the fastest on the H200 at
-#: both 32k and 128k, strides 8 and 16 (docs/benchmarks.md, "GPU scoring kernels").
-XA_CONFIG = "128x256"
+#: The XAttention kernel used (a key of XA_CONFIGS): "wgmma" (Hopper, sm_90a) measured
+#: 1.7-2.0x "128x256" on the H200 with bit-identical outputs, and falls back to "128x256"
+#: where it does not apply (other GPUs, L % stride != 0, fp32 inputs); see
+#: docs/benchmarks.md, "GPU scoring and selection kernels".
+XA_CONFIG = "wgmma"
 #: MoBA and Quest on tensor cores for bf16/fp16 with D in {64, 128} (False: FFMA rowcol).
 POOLED_TENSOR_CORES = True
 #: Benchmark hook: when a list, every launch appends ``(kernel name, start, end)`` events.
 TRACE: list | None = None
 _I32, _I64, _F32, _F64 = np.int32, np.int64, np.float32, np.float64
+_XA_WGMMA_BROKEN: list[str] = []  # a build failure of xatt_wgmma, remembered: "wgmma" then
+                                  # runs "128x256"
+_XA_TMAPS: dict[tuple[Any, ...], Any] = {}
 _BANDS: dict[tuple[int, ...], tuple[Any, ...]] = {}
 _DEV_ATTR: dict[tuple[int, str], int] = {}
 
@@ -264,7 +274,12 @@ def xattention_score(q: Any, k: Any, block_size: int, stride: int, chunk_size: i
     nbc = nch * 64 // BT
     if xattention_fast_path(kind, D, bs, S) and nbc * 4 <= 160 * 1024:
         ct = _CT[kind]
-        name, BM, nthreads, smem = _xa_kernel(ct, BT, D)
+        wg = _xa_wgmma(qd, kd, kind, BT, L, S, D)
+        if wg is not None:
+            fname, (name, BM, nthreads, smem), maps = "score_xattn_wgmma.cu", wg[0], wg[1]
+        else:
+            fname, maps = "score_xattn.cu", None
+            name, BM, nthreads, smem = _xa_kernel(ct, BT, D)
         rows_alloc = _cdiv(n_real * BT, BM) * BM
         per_head = rows_alloc * (nbc + nch) * 4
         group = max(1, min(BH, XA_SCRATCH_BYTES // per_head))
@@ -273,11 +288,17 @@ def xattention_score(q: Any, k: Any, block_size: int, stride: int, chunk_size: i
         W = cp.zeros((B, Hq, nbp, nbp), cp.float32)
         for bh0 in range(0, BH, group):
             g = min(group, BH - bh0)
-            _run("score_xattn.cu", name, (rows_alloc // BM, g), (nthreads,),
-                 (qd, kd, part, mc, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
-                  _I32(rows_alloc), _I32(nch), _I32(nbc), *strides,
-                  _F32(scale * 1.4426950408889634), _I32(bool(causal)), _I32(bh0)),
-                 shared_mem=smem)
+            if maps is not None:
+                _run(fname, name, (rows_alloc // BM, g), (nthreads,),
+                     (maps, part, mc, _I32(Hq), _I32(G), _I32(S), _I32(D), _I32(T),
+                      _I32(rows_alloc), _I32(nch), _I32(nbc), _F32(scale * 1.4426950408889634),
+                      _I32(bool(causal)), _I32(bh0)), shared_mem=smem)
+            else:
+                _run(fname, name, (rows_alloc // BM, g), (nthreads,),
+                     (qd, kd, part, mc, _I32(Hq), _I32(G), _I32(L), _I32(S), _I32(D), _I32(T),
+                      _I32(rows_alloc), _I32(nch), _I32(nbc), *strides,
+                      _F32(scale * 1.4426950408889634), _I32(bool(causal)), _I32(bh0)),
+                     shared_mem=smem)
             _run("score_xattn.cu", f"xatt_reduce<{BT}>", (n_real, g), (256,),
                  (part, mc, W, _I32(rows_alloc), _I32(nch), _I32(nbc), _I32(nbp),
                   _I32(T_real), _I32(bool(causal)), _I32(bh0)), shared_mem=nbc * 4)
@@ -289,13 +310,84 @@ def xattention_score(q: Any, k: Any, block_size: int, stride: int, chunk_size: i
     return _deliver((W,), out, host, ("W",))
 
 
+def xattention_wgmma_fits(kind: str, L: int, stride: int, D: int) -> bool:
+    """True when ``XA_CONFIG == "wgmma"`` would run ``xatt_wgmma`` (sm_90a) for this call:
+    an sm_90 device, bf16/fp16, ``D % 64 == 0``, ``L % stride == 0`` and no earlier build
+    failure (the caller also checked :func:`xattention_fast_path`)."""
+    if _XA_WGMMA_BROKEN or kind not in ("bfloat16", "float16") or D % 64 or L % stride:
+        return False
+    try:
+        from ._build import device_cc
+        if device_cc() != 90:
+            return False
+    except Exception:  # pragma: no cover - no device
+        return False
+    return _device_attr("smem_optin") >= _xa_wgmma_smem(XA_CONFIGS["wgmma"][3])
+
+
+def _xa_wgmma_smem(stages: int) -> int:
+    return 1024 + stages * (128 + 256) * 128
+
+
+def _xa_tensor_map(x: Any, kind: str, S: int, rows: int) -> bytes:
+    """CUtensorMap of the contiguous 16-bit ``[B, H, L, D]`` array ``x`` viewed as
+    ``[B, H, L/S, S, D]`` (5-d, innermost first D, S, L/S, H, B), box ``{64, 1, rows, 1, 1}``:
+    one 64-element k-slice of ``rows`` tiles at token offset u; 128-byte swizzle, zero fill."""
+    import ctypes
+
+    from ._attn_wgmma import _TMAP_DTYPE, _encode_fn
+    B, H, L, D = x.shape
+    dims = [D, S, L // S, H, B]
+    strides = [D * 2, S * D * 2, L * D * 2, H * L * D * 2]
+    buf = ctypes.create_string_buffer(256)
+    addr = (ctypes.addressof(buf) + 127) // 128 * 128
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    rc = _encode_fn()(ctypes.c_void_p(addr), _TMAP_DTYPE[kind], 5, ctypes.c_void_p(x.data.ptr),
+                      (u64 * 5)(*dims), (u64 * 4)(*strides), (u32 * 5)(64, 1, rows, 1, 1),
+                      (u32 * 5)(1, 1, 1, 1, 1), 0, 3, 3, 0)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} (dims {dims}, "
+                           f"strides {strides}, box 64 x 1 x {rows})")
+    return ctypes.string_at(addr, 128)
+
+
+def _xa_wgmma(qd: Any, kd: Any, kind: str, BT: int, L: int, S: int, D: int
+              ) -> tuple[tuple[str, int, int, int], Any] | None:
+    """``((kernel name, 128, 384, shared memory), tensor maps)`` of ``xatt_wgmma`` when
+    XA_CONFIG is ``"wgmma"`` and it applies (:func:`xattention_wgmma_fits`), else None. A
+    build failure is remembered in ``_XA_WGMMA_BROKEN`` (the config then runs "128x256"); a
+    tensor map the driver refuses falls back for this call only."""
+    if XA_CONFIG != "wgmma" or not xattention_wgmma_fits(kind, L, S, D):
+        return None
+    st = XA_CONFIGS["wgmma"][3]
+    name = f"xatt_wgmma<{_CT[kind]}, {BT}, {st}>"
+    try:
+        get_kernel("score_xattn_wgmma.cu", name)
+    except Exception as e:  # compile error: off for the rest of the process
+        _XA_WGMMA_BROKEN.append(f"{name}: {type(e).__name__}: {e}")
+        return None
+    key = (cp.cuda.Device().id, qd.data.ptr, kd.data.ptr, qd.shape, kd.shape, kind, S)
+    maps = _XA_TMAPS.get(key)
+    if maps is None:
+        try:
+            host = _xa_tensor_map(qd, kind, S, 128) + _xa_tensor_map(kd, kind, S, 256)
+        except RuntimeError:
+            return None
+        maps = cp.asarray(np.frombuffer(host, dtype=np.uint8))
+        while len(_XA_TMAPS) >= 16:
+            _XA_TMAPS.pop(next(iter(_XA_TMAPS)))
+        _XA_TMAPS[key] = maps
+    return (name, 128, 384, _xa_wgmma_smem(st)), maps
+
+
 def _xa_kernel(ct: str, BT: int, D: int) -> tuple[str, int, int, int]:
     """``(kernel name, query tiles per CTA, threads, shared memory)`` of the XAttention
     tensor-core kernel selected by XA_CONFIG: KC drops to 64 when D % KC != 0, and a
-    configuration whose shared memory exceeds the device's opt-in limit falls back to v1."""
+    configuration whose shared memory exceeds the device's opt-in limit falls back to v1.
+    ``"wgmma"`` (when :func:`_xa_wgmma` declined it) runs ``"128x256"``."""
     if XA_CONFIG not in XA_CONFIGS:
         raise ValueError(f"XA_CONFIG: expected one of {sorted(XA_CONFIGS)}, got {XA_CONFIG!r}")
-    cfg = XA_CONFIGS[XA_CONFIG]
+    cfg = XA_CONFIGS["128x256" if XA_CONFIG == "wgmma" else XA_CONFIG]
     if cfg is not None:
         WM, WN, KC, ST = cfg
         if D % KC:
@@ -463,4 +555,4 @@ def prism_score(q: Any, k: Any, block_size: int, high_freq_dim: int, low_freq_di
 
 
 __all__ = ["xattention_score", "moba_score", "quest_score", "prism_score",
-           "xattention_fast_path", "XA_CONFIGS"]
+           "xattention_fast_path", "xattention_wgmma_fits", "XA_CONFIGS"]

@@ -338,3 +338,40 @@ def test_errors():
         registry.dispatch("quest_score", "cupy")(q[0], k[0], 16, True)
     with pytest.raises(InputError, match="out"):
         registry.dispatch("moba_score", "cupy")(q, k, 16, out=(np.empty((1, 2, 64, 3)),))
+
+
+_XA_WGMMA_GEOS = [
+    # L, D, Hq, Hkv, bs, S, C, causal, dtype  (L % S == 0: the wgmma path's TMA view)
+    (1000, 128, 2, 1, 128, 8, 256, True, "bfloat16"),    # BT 16, partial block
+    (2048, 128, 4, 2, 128, 16, 2048, True, "bfloat16"),  # BT 8, GQA, one chunk
+    (5000, 128, 2, 1, 128, 8, 1024, True, "float16"),    # several CTAs and key chunks
+    (768, 64, 2, 2, 64, 16, 128, True, "bfloat16"),      # BT 4, D 64
+    (608, 64, 2, 1, 32, 16, 128, False, "float16"),      # BT 2, non-causal, nch % 4 != 0
+    (1504, 64, 4, 2, 64, 4, 512, False, "bfloat16"),     # stride 4, non-causal, GQA
+    (304, 128, 1, 1, 16, 16, 64, True, "float16"),       # BT 1
+]
+
+
+@pytest.mark.parametrize("geo", range(len(_XA_WGMMA_GEOS)))
+def test_xattention_wgmma_config(monkeypatch, geo):
+    """XA_CONFIG = "wgmma" (gpu/score_xattn_wgmma.cu, sm_90a) against the reference and
+    against the 128x256 mma.sync kernel (same epilogue, fp32 products in another order);
+    asserts that xatt_wgmma really ran. Skipped without an sm_90 device."""
+    import cupy as cp
+    if int(cp.cuda.Device().compute_capability) != 90:
+        pytest.skip("the wgmma XAttention kernel needs an sm_90 device")
+    sc = _scoring()
+    L, D, Hq, Hkv, bs, S, C, causal, dtype = _XA_WGMMA_GEOS[geo]
+    assert sc.xattention_wgmma_fits(dtype, L, S, D)
+    q, k = _inputs(1, Hq, Hkv, L, D, dtype, seed=31 + geo)
+    args = (q, k, bs, S, C, 1.0, causal)
+    trace: list = []
+    monkeypatch.setattr(sc, "XA_CONFIG", "wgmma")
+    monkeypatch.setattr(sc, "TRACE", trace)
+    _, (W,) = _check_op("xattention_score", args, dtype)
+    assert any(name.startswith("xatt_wgmma<") for name, _, _ in trace), \
+        f"xatt_wgmma did not run: {[n for n, _, _ in trace]} {sc._XA_WGMMA_BROKEN}"
+    monkeypatch.setattr(sc, "TRACE", None)
+    monkeypatch.setattr(sc, "XA_CONFIG", "128x256")
+    (W1,) = registry.dispatch("xattention_score", "cupy")(*args)
+    np.testing.assert_allclose(W, W1, rtol=0, atol=1e-5 * max(1.0, float(np.abs(W1).max())))
