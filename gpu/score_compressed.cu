@@ -19,6 +19,8 @@
 //       nsa_tc      NSA: pass 1 softmax statistics per (row, head), pass 2 recomputes the
 //                   logits, writes p_cmp and spreads it to selection blocks through a ring
 //                   of per-row block bins in shared memory (eq. 9), summing the GQA group.
+//       nsa_tc2     NSA v2 for l = 2d, l' = 4d: the same two passes, eq. 9 formed in
+//                   registers by quad shuffles (no bins, no atomics); see docs/gpu_notes.md.
 //       proxy_tc    ProxyAttn proxy scores, single pass: per (sampled row, key block) the
 //                   block sum of exp2(s - m) and its max m go to a scratch; per row the
 //                   running max / sum; proxy_reduce normalises and averages the rows.
@@ -356,6 +358,208 @@ __global__ void __launch_bounds__(128) nsa_tc(
       jdone = jfin;
     });
     flush(jdone, jend, hi == 0);
+    // ---- the rest of the rows: blocks past the walk (head 0), columns past the walk
+#pragma unroll 1
+    for (int rr = 0; rr < 32; ++rr) {
+      const int row = r0 + warp * 32 + rr;
+      if (row >= Sq) break;
+      if (hi == 0)
+        for (int j = jend + lane; j < Kb; j += 32) slc[(size_t)row * Kb + j] = 0.f;
+      if (pcm != nullptr)
+        for (int i = ntile * KPT + lane; i < Nc; i += 32) pcm[(size_t)row * Nc + i] = 0.f;
+    }
+  }
+}
+
+// =================================================================== NSA v2 (tensor cores)
+// Same contract as nsa_tc, for the geometries with l = 2d and l' = 4d (pc = 2, ps = 4: the
+// paper's defaults l = 32, d = 16, l' = 64). Eq. 9 is then a fixed sparse map: selection
+// block j = p[4j-1] + 2 p[4j] + 2 p[4j+1] + 2 p[4j+2] + p[4j+3]. A 64-key tile (32 with
+// KS = 1) starts at a multiple of 4, so its blocks t*BPT .. t*BPT+BPT-1 are final after it
+// except for the one p[4j-1] coming from the previous tile (a per-row carry in a register).
+// The quad that holds a row's scores forms the blocks with 2 shuffles per 8 keys, swaps
+// halves with 2 more and stores 4 consecutive blocks per lane (16-byte stores when Kb % 4
+// == 0): no shared-memory bins, no atomics (v1's fp32 shared atomicAdd is a CAS loop on
+// sm_90), no integer divisions, masks only on the tiles that cross a row's causal limit.
+// 1/l is applied to the block sums, not to every probability (p_cmp still gets it).
+template <typename T, int D, int KS>
+__global__ void __launch_bounds__(128) nsa_tc2(
+    const T* __restrict__ q, const T* __restrict__ kc, float* __restrict__ p_slc,
+    float* __restrict__ p_cmp, int want_cmp, int Hq, int G, int Sq, int Sk, int Nc, int Kb,
+    int cl, int cd, float scale_log2, int causal) {
+  using E = Eng<T, D, 0, KS>;
+  constexpr int KPT = E::KPT, NNT = E::NNT, BPT = KPT / 4;
+  static_assert(NNT % 4 == 0, "blocks are stored 4 per lane");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + CE_BM * E::LD;
+  __shared__ int sRow[CE_BM];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, qd = lane & 3;
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * CE_BM;  // longest causal rows first
+  const int g = blockIdx.y, b = blockIdx.z, Hkv = Hq / G, off = Sk - Sq;
+
+  auto ns_of = [&](int row) -> int {
+    if (row >= Sq) return 0;
+    if (!causal) return Nc;
+    const int pos = row + off;
+    return pos >= cl - 1 ? min(Nc, (pos - cl + 1) / cd + 1) : 0;
+  };
+  const int ntile = (ns_of(min(r0 + CE_BM, Sq) - 1) + KPT - 1) / KPT;
+  const int jend = ntile > 0 ? min(Kb, ntile * BPT + 1) : 0;
+  for (int i = tid; i < CE_BM; i += blockDim.x) sRow[i] = r0 + i < Sq ? r0 + i : -1;
+  int nsr[2][2], rowi[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      rowi[mt][hf] = r0 + E::q_of_acc(warp, lane, mt, hf);
+      nsr[mt][hf] = ns_of(rowi[mt][hf]);
+    }
+  const long long k_rs = (long long)D << KS;
+  const T* kbase = kc + ((size_t)b * Hkv + g) * (size_t)Nc * k_rs;
+  float* slc = p_slc + ((size_t)b * Hkv + g) * (size_t)Sq * Kb;
+  const bool vec = (Kb & 3) == 0;
+  // quad lane qd: weight of its second key in its own block (odd lanes hold 4j+2, 4j+3)
+  const float wb = (qd & 1) ? 1.f : 2.f, wc = (qd & 1) ? 1.f : 0.f;
+  const int src = qd < 2 ? (lane | 3) : ((lane & ~3) | 1);
+
+  // 4 consecutive blocks j .. j+3 of one row: store (first head) or add
+  auto put4 = [&](float* rp, int j, float x0, float x1, float x2, float x3, bool first) {
+    if (vec && j + 3 < Kb) {
+      float4* o = reinterpret_cast<float4*>(rp + j);
+      if (!first) {
+        const float4 a = *o;
+        x0 += a.x; x1 += a.y; x2 += a.z; x3 += a.w;
+      }
+      *o = make_float4(x0, x1, x2, x3);
+    } else {
+      const float xs[4] = {x0, x1, x2, x3};
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (j + u < Kb) rp[j + u] = first ? xs[u] : rp[j + u] + xs[u];
+    }
+  };
+
+#pragma unroll 1
+  for (int hi = 0; hi < G; ++hi) {
+    const int h = g * G + hi;
+    const T* qb = q + ((size_t)b * Hq + h) * (size_t)Sq * D;
+    __syncthreads();  // sQ free, sRow visible
+    eng_load_q<E>(sQ, qb, D, sRow);
+    cp_async_commit();
+
+    // ---- pass 1: per-thread online max / sum (max on raw logits, one FFMA per exp)
+    float m[2][2], ls[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) { m[mt][hf] = -REFATTN_INF; ls[mt][hf] = 0.f; }
+    eng_walk<E>(sQ, sK, kbase, k_rs, Nc, 0, ntile, [&](int t, float (&acc)[2][8][4]) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int lim = nsr[mt][hf] - t * KPT;
+          const bool full = lim >= KPT;
+          float v[NNT][2];
+          float mr = -REFATTN_INF;
+#pragma unroll
+          for (int nt = 0; nt < NNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float x = E::val(acc, mt, nt, 2 * hf + e);
+              if (!full) x = E::k_of_acc(lane, nt, e) < lim ? x : -REFATTN_INF;
+              v[nt][e] = x;
+              mr = fmaxf(mr, x);
+            }
+          const float mx = fmaxf(m[mt][hf], mr * scale_log2);
+          if (mx != -REFATTN_INF) {
+            float s = ls[mt][hf] * fast_exp2(m[mt][hf] - mx);
+#pragma unroll
+            for (int nt = 0; nt < NNT; ++nt)
+              s += fast_exp2(fmaf(v[nt][0], scale_log2, -mx)) + fast_exp2(fmaf(v[nt][1], scale_log2, -mx));
+            ls[mt][hf] = s;
+            m[mt][hf] = mx;
+          }
+        }
+    });
+    float Mo[2][2], iv[2][2], carry[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float M = quad_max(m[mt][hf]);
+        float s = (m[mt][hf] == -REFATTN_INF) ? 0.f : ls[mt][hf] * fast_exp2(m[mt][hf] - M);
+        s = quad_sum(s);
+        Mo[mt][hf] = (M == -REFATTN_INF) ? 0.f : M;
+        iv[mt][hf] = (M == -REFATTN_INF) ? 0.f : 1.f / s;
+        carry[mt][hf] = 0.f;
+      }
+
+    // ---- pass 2: probabilities, p_cmp, blocks in registers
+    float* pcm = want_cmp ? p_cmp + ((size_t)b * Hq + h) * (size_t)Sq * Nc : nullptr;
+    eng_walk<E>(sQ, sK, kbase, k_rs, Nc, 0, ntile, [&](int t, float (&acc)[2][8][4]) {
+      const int c0 = t * KPT;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = rowi[mt][hf];
+          const int lim = nsr[mt][hf] - c0;
+          const bool full = lim >= KPT;
+          const float mo = Mo[mt][hf];
+          float blk[NNT];
+          float cprev = carry[mt][hf];
+#pragma unroll
+          for (int nt = 0; nt < NNT; ++nt) {
+            const int cc = E::k_of_acc(lane, nt, 0);
+            float pa = fast_exp2(fmaf(E::val(acc, mt, nt, 2 * hf), scale_log2, -mo));
+            float pb = fast_exp2(fmaf(E::val(acc, mt, nt, 2 * hf + 1), scale_log2, -mo));
+            if (!full) {
+              pa = cc < lim ? pa : 0.f;
+              pb = cc + 1 < lim ? pb : 0.f;
+            }
+            if (pcm != nullptr && row < Sq) {
+              float* prow = pcm + (size_t)row * Nc;
+              const int i = c0 + cc;
+              if (i < Nc) prow[i] = pa * iv[mt][hf];
+              if (i + 1 < Nc) prow[i + 1] = pb * iv[mt][hf];
+            }
+            const float v = fmaf(pb, wb, pa + pa);   // own block's share of the pair
+            const float c = pb * wc;                 // p[4j+3] of odd lanes: next block
+            const float s = v + __shfl_xor_sync(0xffffffffu, v, 1);
+            const float got = __shfl_sync(0xffffffffu, qd == 3 ? cprev : c, src);
+            blk[nt] = s + got;  // lanes 0,1: block 2nt of the tile; lanes 2,3: 2nt + 1
+            cprev = c;
+          }
+          carry[mt][hf] = cprev;  // meaningful in lane 3: p[c0 + KPT - 1]
+          // lanes 0 / 2 store blocks 8u .. 8u+3 / 8u+4 .. 8u+7 of the tile
+#pragma unroll
+          for (int u = 0; u < NNT / 4; ++u) {
+            const float* bq = blk + 4 * u;
+            const float x0 = __shfl_xor_sync(0xffffffffu, qd < 2 ? bq[2] : bq[0], 2);
+            const float x1 = __shfl_xor_sync(0xffffffffu, qd < 2 ? bq[3] : bq[1], 2);
+            if ((qd & 1) == 0 && row < Sq) {
+              const float f = iv[mt][hf];
+              const int j = t * BPT + 8 * u + 2 * qd;
+              if (qd == 0) put4(slc + (size_t)row * Kb, j, bq[0] * f, x0 * f, bq[1] * f, x1 * f, hi == 0);
+              else put4(slc + (size_t)row * Kb, j, x0 * f, bq[2] * f, x1 * f, bq[3] * f, hi == 0);
+            }
+          }
+        }
+    });
+    // block ntile*BPT: only the carry p[ntile*KPT - 1]
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = rowi[mt][hf], j = ntile * BPT;
+        if (qd == 3 && row < Sq && ntile > 0 && j < Kb) {
+          float* o = slc + (size_t)row * Kb + j;
+          const float x = carry[mt][hf] * iv[mt][hf];
+          *o = hi == 0 ? x : *o + x;
+        }
+      }
     // ---- the rest of the rows: blocks past the walk (head 0), columns past the walk
 #pragma unroll 1
     for (int rr = 0; rr < 32; ++rr) {
@@ -930,6 +1134,9 @@ __global__ void __launch_bounds__(128) pooled_softmax(
 #define NSA_I(T, D, KS, W) template __global__ void nsa_tc<T, D, KS, W>(const T*, const T*, float*, float*, int, int, int, int, int, int, int, int, int, int, int, float, int);
 #define NSA_T(T, D) NSA_I(T, D, 0, 32) NSA_I(T, D, 0, 64) NSA_I(T, D, 0, 128) NSA_I(T, D, 1, 32) NSA_I(T, D, 1, 64) NSA_I(T, D, 1, 128)
 NSA_T(__nv_bfloat16, 64) NSA_T(__nv_bfloat16, 128) NSA_T(__half, 64) NSA_T(__half, 128)
+#define NSA2_I(T, D, KS) template __global__ void nsa_tc2<T, D, KS>(const T*, const T*, float*, float*, int, int, int, int, int, int, int, int, int, float, int);
+NSA2_I(__nv_bfloat16, 64, 0) NSA2_I(__nv_bfloat16, 64, 1) NSA2_I(__nv_bfloat16, 128, 0) NSA2_I(__nv_bfloat16, 128, 1)
+NSA2_I(__half, 64, 0) NSA2_I(__half, 64, 1) NSA2_I(__half, 128, 0) NSA2_I(__half, 128, 1)
 #define PX_I(T, D, QS, KS, BPT) template __global__ void proxy_tc<T, D, QS, KS, BPT>(const T*, const T*, float*, float*, float*, long long, long long, int, long long, long long, int, int, int, int, int, int, int, int, int, int, int, int, float, int, int);
 #define PX_B(T, D, QS, KS) PX_I(T, D, QS, KS, 1) PX_I(T, D, QS, KS, 2) PX_I(T, D, QS, KS, 4)
 #define PX_T(T, D) PX_B(T, D, 0, 0) PX_B(T, D, 1, 0) PX_B(T, D, 0, 1) PX_B(T, D, 1, 1) PX_I(T, D, 0, 0, 8) PX_I(T, D, 1, 0, 8)

@@ -49,6 +49,13 @@ _LOG2E = 1.4426950408889634
 #: match the float64 reference to ~1e-5 relative; False rounds them to the input dtype, which
 #: costs half the tensor-core work and ~bf16 accuracy in the logits).
 NSA_SPLIT = True
+#: NSA tensor-core kernel: "v1" (`nsa_tc`: eq. 9 spread through shared-memory atomics into a
+#: ring of per-row block bins; any geometry) or "v2" (`nsa_tc2`: the spread as a fixed map
+#: formed in registers with quad shuffles, no atomics; only for l = 2d, l' = 4d, e.g. the
+#: defaults 32/16/64 -- other geometries keep v1). See docs/gpu_notes.md, "NSA scoring".
+#: v2 is the default since the H200 probe (scripts/probe_nsa.py): same outputs as v1 within
+#: 2e-7, 2.7x faster (p_slc at 32k: 15.5 -> 5.8 ms).
+NSA_KERNEL = "v2"
 #: Bound on ProxyAttn's scratch (per sampled row and key block: a sum and a max) of one
 #: launch; proxy heads are processed in groups that fit.
 PROXY_SCRATCH_BYTES = 1 << 30
@@ -87,6 +94,21 @@ def _nsa_win(kpt: int, pc: int, ps: int) -> int | None:
     return None
 
 
+def _nsa_v2(pc: int, ps: int) -> bool:
+    """The v2 kernel is selected and takes this geometry (l/d = 2, l'/d = 4)."""
+    if NSA_KERNEL not in ("v1", "v2"):
+        raise InputError(f"scoring_compressed.NSA_KERNEL: 'v1' or 'v2', got {NSA_KERNEL!r}")
+    return NSA_KERNEL == "v2" and pc == 2 and ps == 4
+
+
+def nsa_kernel_used(kind: str, D: int, compress_size: int, stride: int, block_size: int) -> str:
+    """Which NSA kernel ``nsa_score`` runs for this input: "v2", "v1" (tensor cores) or
+    "exact" (float64)."""
+    if not nsa_fast_path(kind, D, compress_size, stride, block_size):
+        return "exact"
+    return "v2" if _nsa_v2(compress_size // stride, block_size // stride) else "v1"
+
+
 def nsa_fast_path(kind: str, D: int, compress_size: int, stride: int, block_size: int) -> bool:
     """True when ``nsa_score`` runs on tensor cores (bf16/fp16, D in {64, 128}, sm_80+, and
     the selection blocks touched by one key tile fit the bin ring: (kpt - 2 + l/d)//(l'/d)
@@ -119,6 +141,14 @@ def _nsa(q: Any, k: Any, compress_size: int, stride: int, block_size: int, causa
                    (kd, kc, _I32(Sk), _I32(D), _I32(cl), _I32(cd), _I32(nc), _I32(0), _I32(ks)))
         p_slc = cp.empty((B, Hkv, Sq, kb), cp.float32)
         p_cmp = cp.empty((B, Hq, Sq, nc), cp.float32) if want_cmp else cp.empty((1,), cp.float32)
+        if _nsa_v2(pc, ps):
+            launch(get_kernel(_SRC, f"nsa_tc2<{ct}, {D}, {ks}>"), (_cdiv(Sq, 128), Hkv, B),
+                   (128,),
+                   (qd, kc, p_slc, p_cmp, _I32(bool(want_cmp)), _I32(Hq), _I32(G), _I32(Sq),
+                    _I32(Sk), _I32(nc), _I32(kb), _I32(cl), _I32(cd), _F32(scale * _LOG2E),
+                    _I32(causal)),
+                   shared_mem=_eng_smem(D))
+            return p_slc, (p_cmp if want_cmp else None), host, kind
         fn = get_kernel(_SRC, f"nsa_tc<{ct}, {D}, {ks}, {win}>")
         launch(fn, (_cdiv(Sq, 128), Hkv, B), (128,),
                (qd, kc, p_slc, p_cmp, _I32(bool(want_cmp)), _I32(Hq), _I32(G), _I32(Sq), _I32(Sk),
@@ -381,5 +411,5 @@ def pbs_score(q: Any, k_perm: Any, block_size: int, segment_size: int, *,
 
 
 __all__ = ["nsa_score", "nsa_block_scores", "proxyattn_score", "proxyattn_budget_score",
-           "pbs_key_importance", "pbs_score", "nsa_fast_path", "proxyattn_fast_path",
-           "pbs_key_importance_fast_path"]
+           "pbs_key_importance", "pbs_score", "nsa_fast_path", "nsa_kernel_used",
+           "proxyattn_fast_path", "pbs_key_importance_fast_path"]

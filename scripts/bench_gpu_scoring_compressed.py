@@ -10,7 +10,8 @@ bf16, causal, S in {32768, 131072}. For each S, in one process:
 * NSA at the method defaults (l = 32, d = 16, l' = 64): the registry op ``nsa_score``
   (``p_slc`` and ``p_cmp``; only when its outputs fit in device memory) and
   ``nsa_block_scores`` (``p_slc`` only, what the selection uses), with the pooled keys split
-  into hi + lo (default) and, for comparison, rounded to bf16 (``NSA_SPLIT = False``);
+  into hi + lo (default) and, for comparison, rounded to bf16 (``NSA_SPLIT = False``); each
+  with the kernels of ``--nsa-kernels`` (``NSA_KERNEL``: v1 atomics, v2 register spread);
 * ProxyAttn at the defaults (block 128, group = the GQA group, stride 1):
   ``proxyattn_score`` and ``proxyattn_budget_score``; plus ``proxyattn_score`` at stride 16;
 * PBS at the defaults (block 128, segment 256): ``pbs_key_importance`` and ``pbs_score`` (on
@@ -23,7 +24,8 @@ the compulsory traffic (inputs read once, outputs written once). Timing: CUDA ev
 ``--warmup`` calls, median of ``--iters``. Inputs are Gaussian bf16 made on the device.
 
 Usage: PYTHONPATH=. python3 scripts/bench_gpu_scoring_compressed.py [--seq 32768 131072]
-       [--heads 32] [--kv-heads 32] [--iters 5] [--warmup 2] [--json FILE]
+       [--heads 32] [--kv-heads 32] [--iters 5] [--warmup 2] [--nsa-kernels v1 v2]
+       [--json FILE]
 """
 from __future__ import annotations
 
@@ -157,11 +159,11 @@ def run_size(S: int, args: argparse.Namespace, sc) -> None:
     nsa_op = dispatch("nsa_score", "cupy")
     qk_bytes = 2.0 * S * D * (H + Hkv)
     slc_bytes, cmp_bytes = 4.0 * Hkv * S * kb, 4.0 * H * S * nc
-    for split in (True, False):
+    for ver, split in [(v, sp) for v in args.nsa_kernels for sp in (True, False)]:
         parts = 2 if split else 1
         fl = 2 * parts * (S * nc / 2) * D * 2 * H          # two passes, causal half
-        tag = "hi+lo" if split else "bf16 keys"
-        with switch(sc, "NSA_SPLIT", split):
+        tag = ("hi+lo" if split else "bf16 keys") + f", {ver}"
+        with switch(sc, "NSA_SPLIT", split), switch(sc, "NSA_KERNEL", ver):
             if slc_bytes + cmp_bytes + 2 * qk_bytes < 0.85 * free_memory():
                 rec(f"nsa_score p_slc+p_cmp ({tag})",
                     lambda: nsa_op(q, k, l_, d_, lp, True), flops=fl,
@@ -215,6 +217,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--nsa-kernels", nargs="+", default=["v1", "v2"], choices=["v1", "v2"],
+                    help="NSA kernels to time (scoring_compressed.NSA_KERNEL)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 

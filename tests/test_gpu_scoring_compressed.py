@@ -155,6 +155,49 @@ def test_nsa_block_scores_equals_op():
                                err_msg="nsa_block_scores differs from nsa_score's p_slc")
 
 
+@pytest.mark.parametrize("label,shape,geo,causal,kind", NSA_CASES, ids=[c[0] for c in NSA_CASES])
+def test_nsa_score_v2(monkeypatch, label, shape, geo, causal, kind):
+    """The v2 kernel (eq. 9 in registers; taken when l = 2d, l' = 4d, v1 otherwise) on every
+    NSA case, bf16, against the reference and against v1."""
+    mod = _mod()
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k = _inputs(B, Hq, Hkv, Sq, Sk, D, "bfloat16", seed=len(label), kind=kind)
+    monkeypatch.setattr(mod, "NSA_KERNEL", "v2")
+    used = mod.nsa_kernel_used("bfloat16", D, *geo)
+    want = "v2" if (geo[0] == 2 * geo[1] and geo[2] == 4 * geo[1]) else "v1"
+    assert used == want, f"nsa kernel for {geo}: {used}, expected {want}"
+    _, got = _check("nsa_score", (q, k) + geo + (causal,), "bfloat16", TIGHT["tc"], f"v2 {label}")
+    monkeypatch.setattr(mod, "NSA_KERNEL", "v1")
+    old = registry.dispatch("nsa_score", "cupy")(q, k, *geo, causal)
+    for name, a, b_ in zip(("p_slc", "p_cmp"), got, old, strict=True):
+        a, b_ = _host(a), _host(b_)
+        tol = 2e-5 * max(float(np.abs(b_).max()) if b_.size else 0.0, 1e-30)
+        assert np.abs(a - b_).max(initial=0.0) <= tol, (
+            f"nsa v2 vs v1 [{label}] {name}: max|diff| {np.abs(a - b_).max():.3e} > {tol:.3e}")
+
+
+def test_nsa_v2_fp16_unsplit_and_block_scores(monkeypatch):
+    """v2 in fp16, with bf16-rounded pooled keys (NSA_SPLIT off: 64-key tiles, 16 blocks per
+    tile), and the p_slc-only entry point (same kernel without p_cmp), with GQA."""
+    mod = _mod()
+    monkeypatch.setattr(mod, "NSA_KERNEL", "v2")
+    q, k = _inputs(1, 4, 1, 600, 640, 128, "float16", seed=3)
+    _check("nsa_score", (q, k, 32, 16, 64, True), "float16", TIGHT["tc"], "v2 fp16")
+    qb, kb = _inputs(1, 4, 2, 900, 900, 128, "bfloat16", seed=4)
+    p_slc, _ = registry.dispatch("nsa_score", "cupy")(qb, kb, 32, 16, 64, True)
+    only = mod.nsa_block_scores(qb, kb, 32, 16, 64, True)
+    np.testing.assert_allclose(only, p_slc, rtol=1e-6, atol=1e-8,
+                               err_msg="v2 nsa_block_scores differs from nsa_score's p_slc")
+    monkeypatch.setattr(mod, "NSA_SPLIT", False)
+    qb, kb = _inputs(1, 4, 1, 600, 640, 128, "bfloat16", seed=3)
+    _check("nsa_score", (qb, kb, 32, 16, 64, True), "bfloat16", 2e-2, "v2 unsplit")
+    qb, kb = _inputs(1, 2, 1, 1300, 1333, 64, "bfloat16", seed=5, kind="random")
+    _check("nsa_score", (qb, kb, 64, 32, 128, True), "bfloat16", 2e-2, "v2 unsplit 64/32/128")
+    monkeypatch.setattr(mod, "NSA_KERNEL", "v3")
+    with pytest.raises(InputError, match="NSA_KERNEL"):
+        mod.nsa_block_scores(qb, kb, 32, 16, 64, True)
+
+
 # ----------------------------------------------------------------------------- ProxyAttn
 PROXY_CASES = [
     # label, (B, Hq, Hkv, Sq, Sk, D), (block, group, stride, causal), kind
