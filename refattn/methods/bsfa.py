@@ -40,7 +40,7 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, legal_blocks, num_blocks
 from ..core.errors import InputError
-from ..core.layout import normalize_qkv
+from ..core.layout import array_module, normalize_qkv
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -183,19 +183,24 @@ def _expand_threshold(t: np.ndarray, heads: int, qb: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ calibration
-def example_thresholds(mx: np.ndarray, gated: np.ndarray, k: int) -> np.ndarray:
+def example_thresholds(mx: Any, gated: np.ndarray, k: int) -> Any:
     """Per-example thresholds ``[B, H, Qb]`` from tile maxima ``mx [B, H, Qb, Kb]``.
 
     Row ``m``: ``-inf`` if it has at most ``k`` gated (off-diagonal) tiles, else the
     midpoint of the k-th and (k+1)-th largest gated maxima (``+inf`` for ``k = 0``).
+    ``gated`` is the host ``[Qb, Kb]`` geometry; ``mx`` may be a device array, and so is
+    the result then (one sort of the rows, no loop over the query tiles).
     """
-    thr = np.full(mx.shape[:3], -np.inf)
-    for m in range(mx.shape[2]):
-        vals = mx[:, :, m, gated[m]]
-        if vals.shape[-1] > k:
-            srt = -np.sort(-vals, axis=-1)                                 # descending
-            thr[:, :, m] = 0.5 * (srt[..., k - 1] + srt[..., k]) if k > 0 else np.inf
-    return thr
+    xp = array_module(mx)
+    k = int(k)
+    have = xp.asarray(gated.sum(axis=-1) > k)                              # [Qb]
+    if k == 0 or k >= mx.shape[-1]:   # +inf where any gated tile exists; no row has > k
+        return xp.broadcast_to(xp.where(have, np.inf, -np.inf), mx.shape[:3]).copy()
+    # the k+1 largest gated maxima of every row: non-gated tiles become -inf, which a row
+    # with more than k gated tiles never reaches, so these are the gated tiles' values
+    srt = -xp.sort(-xp.where(xp.asarray(gated), mx, -np.inf), axis=-1)    # descending
+    mid = (0.5 * (srt[..., k - 1] + srt[..., k])).astype(np.float64)     # in mx's dtype
+    return xp.where(have, mid, -np.inf)
 
 
 def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_k: int = 64,
@@ -242,7 +247,7 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
     "bsfa", BSFAParams, kind="llm-prefill",
     summary="Block-Sparse FlashAttention: exact max of scaled logits per 128x64 tile kept "
             "iff >= a calibrated per-(head, q-tile) threshold; 128x128 diagonal forced",
-    paper="arXiv 2512.07011", code=CODE)
+    paper="arXiv 2512.07011", code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: bool = True,
            backend: str = "numpy") -> Selection:
     """BSFA selection on the (block_q, block_k) grid. q ``[B,Hq,Sq,D]``, k ``[B,Hkv,Sk,D]``.
@@ -266,18 +271,20 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
             raise InputError("threshold: self-calibration (threshold=None) needs causal prefill "
                              "(q_len == k_len); pass explicit thresholds")
     gated, forced = tile_layout(Sq, Sk, bq, bk, causal)
+    xp = array_module(mx)     # device scores (backend "cupy"): everything stays there
     if calibrated:                    # each batch element calibrated on itself
         thr = example_thresholds(mx, gated, int(p.topk))                        # [B, Hq, Qb]
-    else:
-        thr = np.broadcast_to(_expand_threshold(_threshold_array(p.threshold), Hq, qb),
-                              (B, Hq, qb)).copy()
-    keep = gated & ~(mx < thr[..., None])                 # the kernel skips iff Mx < tau
-    mask = keep | forced
+    else:                             # the parameter goes where the scores live
+        thr = xp.asarray(np.broadcast_to(
+            _expand_threshold(_threshold_array(p.threshold), Hq, qb), (B, Hq, qb)).copy())
+    forced_x = xp.asarray(forced)
+    keep = xp.asarray(gated) & ~(mx < thr[..., None])     # the kernel skips iff Mx < tau
+    mask = keep | forced_x
     geom = dict(block_q=bq, block_k=bk, q_len=Sq, k_len=Sk)
     return Selection(
         mask=BlockMask(mask, **geom),
         scores=BlockScores(mx, **geom),
         boundary=thr,
-        forced=np.broadcast_to(forced, mask.shape).copy(),
+        forced=xp.broadcast_to(forced_x, mask.shape).copy(),
         extras={"thresholds": thr.copy(), "calibrated": calibrated},
     )

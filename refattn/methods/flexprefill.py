@@ -44,11 +44,12 @@ import numpy as np
 
 from ..core.blockmask import BlockMask
 from ..core.errors import InputError
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import TIES, rank_order
-from ..reference.selection_backend import topk_per_row
+from ..reference.selection import TIES
+from ..reference.selection_backend import cumulative_threshold, topk_per_row
 from .base import check_choice, check_range, register_method
 
 BUDGET_UNIT = 128  # official: score_cover_topk(...) // 128 + 1, independent of block_size
@@ -144,28 +145,32 @@ define_op("flexprefill_score", flexprefill_score,
           outputs=("vertical", "slash", "pooled_attn", "block_attn"), kind="array")
 
 
-def cover_count(x: np.ndarray, gamma: float) -> np.ndarray:
+def cover_count(x: Any, gamma: float) -> Any:
     """Official ``score_cover_topk``: ``#{sorted-desc cumsum(x) <= gamma} + 1`` over the
-    last axis (the entry that crosses ``gamma`` is counted)."""
-    c = np.cumsum(-np.sort(-x, axis=-1), axis=-1)
+    last axis (the entry that crosses ``gamma`` is counted). NumPy or CuPy ``x``."""
+    xp = array_module(x)
+    c = xp.cumsum(-xp.sort(-x, axis=-1), axis=-1)
     return (c <= gamma).sum(axis=-1) + 1
 
 
-def js_distance(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+def js_distance(p: Any, r: Any) -> Any:
     """Square root of the Jensen-Shannon divergence (natural log) over the last axis, with
-    ``0 log 0 = 0``: ``sqrt(0.5 KL(p||m) + 0.5 KL(r||m))``, ``m = (p + r) / 2``."""
+    ``0 log 0 = 0``: ``sqrt(0.5 KL(p||m) + 0.5 KL(r||m))``, ``m = (p + r) / 2``. NumPy or
+    CuPy arrays."""
+    xp = array_module(p)
     m = (p + r) / 2
     with np.errstate(divide="ignore", invalid="ignore"):
-        kp = np.where(p > 0, p * np.log(p / m), 0.0).sum(axis=-1)
-        kr = np.where(r > 0, r * np.log(r / m), 0.0).sum(axis=-1)
-    return np.sqrt(np.maximum(0.5 * kp + 0.5 * kr, 0.0))
+        kp = xp.where(p > 0, p * xp.log(p / m), 0.0).sum(axis=-1)
+        kr = xp.where(r > 0, r * xp.log(r / m), 0.0).sum(axis=-1)
+    return xp.sqrt(xp.maximum(0.5 * kp + 0.5 * kr, 0.0))
 
 
-def _pool(x: np.ndarray, b: int) -> np.ndarray:
+def _pool(x: Any, b: int) -> Any:
     """Sums of consecutive ``b``-chunks of the last axis from index 0, zero-padded."""
+    xp = array_module(x)
     n = -(-x.shape[-1] // b)
-    pad = np.zeros(x.shape[:-1] + (n * b - x.shape[-1],))
-    return np.concatenate([x, pad], axis=-1).reshape(x.shape[:-1] + (n, b)).sum(axis=-1)
+    pad = xp.zeros(x.shape[:-1] + (n * b - x.shape[-1],))
+    return xp.concatenate([x, pad], axis=-1).reshape(x.shape[:-1] + (n, b)).sum(axis=-1)
 
 
 @register_method(
@@ -174,7 +179,8 @@ def _pool(x: np.ndarray, b: int) -> np.ndarray:
             "(gamma-coverage budgets) and query-aware blocks (global cumulative gamma)",
     paper="Lai et al., FlexPrefill, ICLR 2025, arXiv:2502.20766",
     code="microsoft/MInference@fb56c917f618e8645f1cfc37535afd7424d78f0d "
-         "(minference/modules/flexprefill.py, copy of bytedance-seed/FlexPrefill)")
+         "(minference/modules/flexprefill.py, copy of bytedance-seed/FlexPrefill)",
+    device=True)
 def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """FlexPrefill selection on canonical arrays (q ``[B,Hq,L,D]``, k ``[B,Hkv,L,D]``).
@@ -187,7 +193,12 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
     ``vertical_budget`` / ``slash_budget [B,Hq]`` (blocks), ``vertical_scores`` /
     ``slash_scores [B,Hq,n]`` (pooled, indexed by column block / block offset),
     ``vertical_blocks`` / ``slash_offsets`` (bool ``[B,Hq,n]``, selected),
-    ``vertical_boundary`` / ``slash_boundary [B,Hq]`` and ``pooled_attn [B,Hq,n]``.
+    ``vertical_boundary`` / ``slash_boundary [B,Hq]``, ``pooled_attn [B,Hq,n]`` and
+    ``query_aware`` (bool ``[B,Hq]``).
+
+    Device inputs (backend ``"cupy"``) keep every array on the device; ``pattern`` (a
+    string array) is then left out, ``query_aware`` says the same (``"dense"`` falls back
+    on shapes alone and keeps its host ``pattern``).
     """
     if not causal:
         raise InputError("causal: flexprefill is defined for causal prefill only; got causal=False")
@@ -199,25 +210,30 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
     n = -(-L // b)
     min_b = -(-int(params.min_budget or 1) // b)
     max_b = n if params.max_budget is None else min(-(-int(params.max_budget) // b), n)
-    tril = np.tril(np.ones((n, n), dtype=bool))
+    xp = array_module(q)        # device inputs (backend "cupy"): everything stays there
+    tril = np.tril(np.ones((n, n), dtype=bool))                   # geometry, on the host
     rows = np.arange(n)
-    forced = np.broadcast_to((rows[None, :] == 0) | np.eye(n, dtype=bool), (B, Hq, n, n)) & tril
+
+    def per_head(x: np.ndarray) -> Any:   # [n, n] geometry -> [B, Hq, n, n] in xp
+        return xp.broadcast_to(xp.asarray(x), (B, Hq, n, n)).copy()
+
+    forced = per_head(((rows[None, :] == 0) | np.eye(n, dtype=bool)) & tril)
     if L <= max(2 * b, min_b * b):  # official: too short, run dense causal attention
-        full = np.broadcast_to(tril, (B, Hq, n, n))
         return Selection(
-            mask=BlockMask(np.array(full), block_q=b, block_k=b, q_len=L, k_len=L),
-            forced=np.array(forced), boundary=np.full((B, Hq), np.nan),
+            mask=BlockMask(per_head(tril), block_q=b, block_k=b, q_len=L, k_len=L),
+            forced=forced, boundary=xp.full((B, Hq), np.nan),
             extras={"pattern": np.full((B, Hq), "dense"),
-                    "js": np.full((B, Hq), np.nan)})
+                    "query_aware": xp.zeros((B, Hq), bool),
+                    "js": xp.full((B, Hq), np.nan)})
 
     vert, sl, pooled, alpha = dispatch("flexprefill_score", backend, (q, k))(q, k, b, None)
-    vert, sl = np.asarray(vert, np.float64), np.asarray(sl, np.float64)
-    pooled, alpha = np.asarray(pooled, np.float64), np.asarray(alpha, np.float64)
+    vert, sl = vert.astype(np.float64, copy=False), sl.astype(np.float64, copy=False)
+    pooled, alpha = pooled.astype(np.float64, copy=False), alpha.astype(np.float64, copy=False)
     g = float(params.gamma)
 
     # Budgets (in blocks) from token-level coverage; the //128 is hard-coded officially.
-    def clamp(x: np.ndarray) -> np.ndarray:
-        return np.minimum(np.maximum(x, min_b), max_b)
+    def clamp(x: Any) -> Any:
+        return xp.minimum(xp.maximum(x, min_b), max_b)
 
     n_v = clamp(cover_count(vert, g) // BUDGET_UNIT + 1)
     n_s = clamp(cover_count(sl, g) // BUDGET_UNIT + 1)
@@ -225,39 +241,41 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
     S = _pool(sl[..., ::-1], b)[..., ::-1]          # official chunk k -> block offset n-1-k
     js = js_distance(pooled, V)
     qa = js < float(params.tau)
-    n_v = np.where(qa, min(min_b, n), n_v)
-    n_s = np.where(qa, min(min_b, n), n_s)
+    n_v = xp.where(qa, min(min_b, n), n_v)
+    n_s = xp.where(qa, min(min_b, n), n_s)
 
     # Vertical-slash blocks (every head): forced first column block and diagonal.
-    inf_first = np.arange(n) == 0
-    vsel, vb = topk_per_row(np.where(inf_first, np.inf, V), n_v, tie=params.tie, backend=backend)
-    ssel, sb = topk_per_row(np.where(inf_first, np.inf, S), n_s, tie=params.tie, backend=backend)
-    diag_off = rows[:, None] - rows[None, :]        # block offset r - c of block (r, c)
-    mask = (vsel[..., None, :] | np.take(ssel, np.clip(diag_off, 0, n - 1), axis=-1)) & tril
+    inf_first = xp.asarray(np.arange(n) == 0)
+    vsel, vb = topk_per_row(xp.where(inf_first, np.inf, V), n_v, tie=params.tie, backend=backend)
+    ssel, sb = topk_per_row(xp.where(inf_first, np.inf, S), n_s, tie=params.tie, backend=backend)
+    diag_off = xp.asarray(np.clip(rows[:, None] - rows[None, :], 0, n - 1))  # offset r - c
+    tril_x = xp.asarray(tril)
+    mask = (vsel[..., None, :] | xp.take(ssel, diag_off, axis=-1)) & tril_x
 
-    # Query-aware heads: global cumulative selection over the block map.
-    flat = alpha.reshape(B, Hq, n * n)
-    valid = np.broadcast_to(tril.reshape(-1), flat.shape)
-    order = rank_order(flat, valid, params.tie)
-    srt = np.take_along_axis(np.where(valid, flat, 0.0), order, axis=-1)
-    keep = (np.cumsum(srt, axis=-1) <= g * n) & np.take_along_axis(valid, order, axis=-1)
-    qsel = np.zeros_like(keep)
-    np.put_along_axis(qsel, order, keep, axis=-1)
+    # Query-aware heads: global cumulative selection over the block map, blocks kept while
+    # the descending cumulative sum is <= gamma * n. That is the cumulative-threshold
+    # primitive without normalisation or the crossing block, at the next double above
+    # gamma * n (cum < nextafter(t) iff cum <= t); its boundary is the smallest kept alpha.
+    qsel, qb = cumulative_threshold(
+        alpha.reshape(B, Hq, n * n), float(np.nextafter(g * n, np.inf)),
+        valid=xp.asarray(tril.reshape(-1)), normalize=False, tie=params.tie,
+        include_crossing=False, backend=backend)
     qsel = qsel.reshape(B, Hq, n, n) & qa[..., None, None]
     mask |= qsel
-    with np.errstate(invalid="ignore"):
-        bnd = np.where(qsel.any(axis=(-1, -2)),
-                       np.where(qsel, alpha, np.inf).min(axis=(-1, -2)), np.nan)
+    bnd = xp.where(qa, qb, np.nan)
 
-    def fin(x: np.ndarray) -> np.ndarray:
-        return np.where(np.isfinite(x), x, np.nan)
+    def fin(x: Any) -> Any:
+        return xp.where(xp.isfinite(x), x, np.nan)
 
+    # "pattern" names each head's choice: host selections only (CuPy holds no strings;
+    # a device selection carries the same information as the boolean "query_aware")
+    extras = {"pattern": np.where(qa, "query_aware", "vertical_slash")} if xp is np else {}
+    extras.update({
+        "query_aware": qa, "js": js, "vertical_budget": n_v, "slash_budget": n_s,
+        "vertical_scores": V, "slash_scores": S, "vertical_blocks": vsel,
+        "slash_offsets": ssel, "vertical_boundary": fin(vb),
+        "slash_boundary": fin(sb), "pooled_attn": pooled})
     return Selection(
         mask=BlockMask(mask, block_q=b, block_k=b, q_len=L, k_len=L),
         scores=BlockScores(alpha, block_q=b, block_k=b, q_len=L, k_len=L),
-        boundary=bnd, forced=np.array(forced),
-        extras={"pattern": np.where(qa, "query_aware", "vertical_slash"),
-                "js": js, "vertical_budget": n_v, "slash_budget": n_s,
-                "vertical_scores": V, "slash_scores": S, "vertical_blocks": vsel,
-                "slash_offsets": ssel, "vertical_boundary": fin(vb),
-                "slash_boundary": fin(sb), "pooled_attn": pooled})
+        boundary=bnd, forced=forced, extras=extras)

@@ -41,10 +41,10 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, legal_blocks, num_blocks
 from ..core.errors import InputError
-from ..core.layout import causal_offset
+from ..core.layout import array_module, causal_offset
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
-from ..reference.selection import force_local, force_sink, rank_order
+from ..reference.selection import force_local, force_sink
 from ..reference.selection_backend import topk_per_row
 from .base import check_choice, check_range, register_method
 
@@ -170,22 +170,32 @@ BUDGET_OP = define_op("proxyattn_budget_score", proxyattn_budget_scores,
                       outputs=("budget_scores",), kind="array")
 
 
-def budgets_from_mass(a: np.ndarray, gamma: float, valid: np.ndarray, min_budget: int,
-                      max_budget: int | None) -> np.ndarray:
+def budgets_from_mass(a: Any, gamma: float, valid: np.ndarray, min_budget: int,
+                      max_budget: int | None) -> Any:
     """int64 ``[...]``: blocks needed for the descending cumulative mass of ``a`` to reach
     ``gamma`` (crossing included; all valid blocks if never reached), clamped to
-    ``[min_budget, max_budget]`` and to the number of valid blocks."""
-    ok = np.broadcast_to(valid, a.shape)
-    order = rank_order(a, ok, "low")
-    srt = np.take_along_axis(np.where(ok, a, 0.0), order, axis=-1)
-    before = np.cumsum(srt, axis=-1) - srt                    # mass strictly before each slot
+    ``[min_budget, max_budget]`` and to the number of valid blocks.
+
+    ``a`` may be a device array (the result is then one too); ``valid`` is host geometry.
+    Only the sorted values matter (not which of two equal blocks comes first), so one
+    descending sort of the valid masses replaces the ranking.
+    """
+    xp = array_module(a)
+    ok = xp.broadcast_to(xp.asarray(valid), a.shape)
     n_valid = ok.sum(axis=-1)
-    need = ((before < gamma) & (np.arange(a.shape[-1]) < n_valid[..., None])).sum(axis=-1)
-    need = np.where(gamma <= 0, 0, need)
-    need = np.maximum(need, min_budget)
+    # valid masses descending, then the invalid slots as 0.0 (they come last)
+    srt = -xp.sort(-xp.where(ok, a, -np.inf), axis=-1)
+    slot = xp.arange(a.shape[-1])
+    live = slot < n_valid[..., None]
+    srt = xp.where(live, srt, 0.0)
+    before = xp.cumsum(srt, axis=-1) - srt                    # mass strictly before each slot
+    need = ((before < gamma) & live).sum(axis=-1)
+    if gamma <= 0:
+        need = xp.zeros_like(need)
+    need = xp.maximum(need, min_budget)
     if max_budget is not None:
-        need = np.minimum(need, max_budget)
-    return np.minimum(need, n_valid).astype(np.int64)
+        need = xp.minimum(need, max_budget)
+    return xp.minimum(need, n_valid).astype(np.int64)
 
 
 def _group_size(params: ProxyAttnParams, hq: int, hkv: int) -> int:
@@ -202,7 +212,7 @@ def _group_size(params: ProxyAttnParams, hq: int, hkv: int) -> int:
     "proxyattn", ProxyAttnParams, kind="llm-prefill",
     summary="ProxyAttn (paper-level; official code not read): token-level attention of "
             "pooled proxy heads ranks blocks for their group; per-head gamma budgets",
-    paper="arXiv 2509.24745", code=CODE)
+    paper="arXiv 2509.24745", code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: Any, params: ProxyAttnParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """ProxyAttn selection. q ``[B,Hq,Sq,D]``, k ``[B,Hkv,Sk,D]`` (bhsd, any float dtype).
@@ -219,18 +229,20 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: ProxyAttnParams, *,
     g = _group_size(p, Hq, Hkv)
     (S,) = dispatch(PROXY_OP.name, backend)(q, k, bs, g, int(p.stride), bool(causal))
     (a,) = dispatch(BUDGET_OP.name, backend)(q, k, bs, bool(causal))
-    legal = legal_blocks(Sq, Sk, bs, bs, causal)
+    legal = legal_blocks(Sq, Sk, bs, bs, causal)                                  # host
+    xp = array_module(S)        # device scores (backend "cupy") keep everything there
+    legal_x = xp.asarray(legal)
     budgets = budgets_from_mass(a, float(p.gamma), legal, int(p.min_budget),
                                 None if p.max_budget is None else int(p.max_budget))
-    scores = np.repeat(S, g, axis=1)                                             # per q head
-    scores = np.where(legal, scores, -np.inf)
-    chosen, boundary = topk_per_row(scores, budgets, valid=legal, tie=p.tie, backend=backend)
-    forced = np.zeros(chosen.shape, bool)
+    scores = xp.repeat(S, g, axis=1)                                             # per q head
+    scores = xp.where(legal_x, scores, -np.inf)
+    chosen, boundary = topk_per_row(scores, budgets, valid=legal_x, tie=p.tie, backend=backend)
+    forced = np.zeros(legal.shape, bool)                  # geometry only: built on the host
     if p.force_sink:
         forced = force_sink(forced, 1)
     if p.force_recent:
         forced = force_local(forced, Sq, Sk, bs, bs, 1)
-    forced &= legal
+    forced = xp.broadcast_to(xp.asarray(forced & legal), chosen.shape).copy()
     mask = chosen | forced
     geom = dict(block_q=bs, block_k=bs, q_len=Sq, k_len=Sk)
     return Selection(
