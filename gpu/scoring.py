@@ -41,12 +41,21 @@ import cupy as cp
 import numpy as np
 
 from refattn.core.errors import InputError
-from refattn.core.layout import as_array
 from refattn.core.registry import register
 
 from ._build import get_kernel, launch, tensor_cores_available
+from ._scoring_common import (  # noqa: F401  (re-exported: imported from here elsewhere)
+    _CT,
+    _DEV_ATTR,
+    _acc,
+    _cdiv,
+    _deliver,
+    _dev,
+    _device_attr,
+    _positive,
+    _qk,
+)
 
-_CT = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _XA_SMEM = 2 * (128 + 64) * (64 + 8) * 2       # xatt_tiles: double-buffered Q/K slices
 #: Bound on the XAttention scratch (per-row chunk block sums) of one launch; heads are
 #: processed in groups that fit.
@@ -81,7 +90,6 @@ _XA_WGMMA_BROKEN: list[str] = []  # a build failure of xatt_wgmma, remembered: "
                                   # runs "128x256"
 _XA_TMAPS: dict[tuple[Any, ...], Any] = {}
 _BANDS: dict[tuple[int, ...], tuple[Any, ...]] = {}
-_DEV_ATTR: dict[tuple[int, str], int] = {}
 
 
 def _run(filename: str, name: str, grid: tuple[int, ...], block: tuple[int, ...],
@@ -96,101 +104,6 @@ def _run(filename: str, name: str, grid: tuple[int, ...], block: tuple[int, ...]
     launch(fn, grid, block, args, shared_mem=shared_mem)
     b.record()
     TRACE.append((name, a, b))
-
-
-def _device_attr(name: str) -> int:
-    """``"sm_count"`` or ``"smem_optin"`` (bytes of dynamic shared memory a block may opt
-    into) of the current device, cached."""
-    dev = cp.cuda.Device()
-    key = (dev.id, name)
-    if key not in _DEV_ATTR:
-        props = cp.cuda.runtime.getDeviceProperties(dev.id)
-        if name == "sm_count":
-            val = props.get("multiProcessorCount", 0)
-        else:
-            val = props.get("sharedMemPerBlockOptin", 0)
-            if not val:
-                try:
-                    val = dev.attributes["MaxSharedMemoryPerBlockOptin"]
-                except Exception:  # pragma: no cover - old CuPy
-                    cc = int(dev.compute_capability)
-                    val = 227 * 1024 if cc >= 90 else 163 * 1024 if cc == 80 else 99 * 1024
-        _DEV_ATTR[key] = int(val) or 1
-    return _DEV_ATTR[key]
-
-
-# ----------------------------------------------------------------------------- arrays
-def _dev(x: Any, name: str) -> tuple[Any, str, bool]:
-    """``(contiguous CuPy array, dtype name, came from host)``; bf16 travels as uint16 bits."""
-    x = as_array(x, name)
-    host = isinstance(x, np.ndarray)
-    kind = str(x.dtype)
-    if kind not in _CT:
-        raise InputError(f"{name}: expected float16, bfloat16, float32 or float64, got {kind}")
-    if x.ndim != 4:
-        raise InputError(f"{name}: expected a 4-d bhsd array, got shape {tuple(x.shape)}")
-    if host:
-        x = np.ascontiguousarray(x)
-        d = cp.asarray(x.view(np.uint16) if kind == "bfloat16" else x)
-    else:
-        d = cp.ascontiguousarray(x.view(cp.uint16) if kind == "bfloat16" else x)
-    return d, kind, host
-
-
-def _qk(q: Any, k: Any, op: str) -> tuple[Any, Any, str, bool, tuple[int, ...]]:
-    """Validate and upload q, k; returns ``(q, k, dtype, host, (B, Hq, Hkv, Sq, Sk, D))``."""
-    qd, qkind, host = _dev(q, "q")
-    kd, kkind, _ = _dev(k, "k")
-    if qkind != kkind:
-        raise InputError(f"{op}: q and k must have one dtype, got {qkind} and {kkind}")
-    B, Hq, Sq, D = qd.shape
-    Bk, Hkv, Sk, Dk = kd.shape
-    if Bk != B or Dk != D:
-        raise InputError(f"{op}: q {tuple(qd.shape)} and k {tuple(kd.shape)} differ in batch "
-                         f"or head dim")
-    if Hkv == 0 or Hq % Hkv:
-        raise InputError(f"{op}: GQA needs Hq % Hkv == 0, got Hq={Hq}, Hkv={Hkv}")
-    if min(B, Hq, Sq, Sk, D) == 0:
-        raise InputError(f"{op}: empty input, q {tuple(qd.shape)}, k {tuple(kd.shape)}")
-    return qd, kd, qkind, host, (B, Hq, Hkv, Sq, Sk, D)
-
-
-def _acc(kind: str) -> tuple[str, Any]:
-    """Accumulator C++ type and CuPy dtype: float64 for fp32/fp64 inputs, else float32."""
-    return ("double", cp.float64) if kind in ("float32", "float64") else ("float", cp.float32)
-
-
-def _deliver(results: tuple[Any, ...], out: Any, host: bool, names: tuple[str, ...]) -> tuple[Any, ...]:
-    """Return ``results`` (NumPy when ``host``), or copy them into ``out``."""
-    if out is None:
-        return tuple(r.get() if host else r for r in results)
-    if not isinstance(out, (tuple, list)) or len(out) != len(results):
-        raise InputError(f"out: expected a tuple of {len(results)} arrays {names}")
-    for r, o, nm in zip(results, out, names, strict=True):
-        if not isinstance(o, (np.ndarray, cp.ndarray)):
-            raise InputError(f"out[{nm}]: expected a NumPy or CuPy array, got {type(o).__name__}")
-        if tuple(o.shape) != tuple(r.shape) or str(o.dtype) not in ("float32", "float64"):
-            raise InputError(f"out[{nm}]: expected float32 or float64 of shape {tuple(r.shape)}, "
-                             f"got {o.dtype} {tuple(o.shape)}")
-        if isinstance(o, np.ndarray):
-            o[...] = r.get()
-        else:
-            o[...] = r
-    return tuple(out)
-
-
-def _positive(name: str, v: Any) -> int:
-    try:
-        iv = int(v)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}: expected a positive integer, got {v!r}") from None
-    if iv != v or iv < 1:
-        raise InputError(f"{name}: expected a positive integer, got {v!r}")
-    return iv
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _vec(kind: str, D: int) -> int:
@@ -227,7 +140,7 @@ def _rowcol_tc(kind: str, mode: int, qd: Any, A: Any, Bm: Any, out: Any, Hq: int
     tpc = _cdiv(ntile, splits)
     nb = 2 if mode == 1 else 1
     smem = (128 + 2 * nb * 64) * (D + 8) * 2
-    _run("score_pooled.cu", f"rowcol_tc<{_CT[kind]}, {mode}, {D}>", (rows, _cdiv(ntile, tpc), BH),
+    _run("score_rowcol.cu", f"rowcol_tc<{_CT[kind]}, {mode}, {D}>", (rows, _cdiv(ntile, tpc), BH),
          (128,), (qd, A, Bm, out, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(N), _I32(P),
                   _I32(bool(causal)), _I32(tpc)), shared_mem=smem)
 
@@ -416,7 +329,7 @@ def moba_score(q: Any, k: Any, block_size: int, *, out: Any = None) -> tuple[Any
     V = _vec(kind, D)
     tc = _pooled_tc(kind, D)
     kbar = cp.empty((B, Hkv, kb, D), _tdtype(kind) if tc else cp.float64)
-    _run("score_pooled.cu", f"pool_blocks<{ct}, {V}, {ct if tc else 'double'}>",
+    _run("score_pool.cu", f"pool_blocks<{ct}, {V}, {ct if tc else 'double'}>",
          (kb, B * Hkv), (256,),
          (kd, kbar, kbar, _I32(B * Hkv), _I32(Sk), _I32(kb), kd, kbar, kbar, _I32(Sk), _I32(kb),
           _I32(D), _I32(bs), _I32(1), _I32(kind != "float64"), _I32(0), kbar, kbar),
@@ -425,7 +338,7 @@ def moba_score(q: Any, k: Any, block_size: int, *, out: Any = None) -> tuple[Any
     if tc:
         _rowcol_tc(kind, 0, qd, kbar, kbar, gate, Hq, Hq // Hkv, Sq, Sk, kb, D, 1, False)
     else:
-        _run("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 0>",
+        _run("score_rowcol.cu", f"rowcol<{ct}, {acc_t}, 0>",
              (_cdiv(kb, 64), _cdiv(Sq, 64), B * Hq), (256,),
              (qd, kbar, kbar, gate, _I32(Hq), _I32(Hq // Hkv), _I32(Sq), _I32(Sk), _I32(kb),
               _I32(D), _I32(1), _I32(0)))
@@ -453,25 +366,25 @@ def quest_score(q: Any, k: Any, page_size: int, causal: bool, *, out: Any = None
     bdt = _tdtype(kind) if tc else cp.float64
     M = cp.empty((B, Hkv, n, D), bdt)
     m = cp.empty((B, Hkv, n, D), bdt)
-    _run("score_pooled.cu", f"page_minmax<{ct}, {ct if tc else 'double'}>",
+    _run("score_pool.cu", f"page_minmax<{ct}, {ct if tc else 'double'}>",
          (_cdiv(n, 8), B * Hkv), (256,), (kd, M, m, _I32(Sk), _I32(D), _I32(P), _I32(n)))
     U = cp.empty((B, Hq, Sq, n), acc_dt)
     if tc:
         _rowcol_tc(kind, 1, qd, M, m, U, Hq, G, Sq, Sk, n, D, P, causal)
     else:
-        _run("score_pooled.cu", f"rowcol<{ct}, {acc_t}, 1>",
+        _run("score_rowcol.cu", f"rowcol<{ct}, {acc_t}, 1>",
              (_cdiv(n, 64), _cdiv(Sq, 64), B * Hq), (256,),
              (qd, M, m, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(n), _I32(D), _I32(P),
               _I32(bool(causal))))
     if causal:
         if D <= 256:   # one warp per (page, query head) over the pages that hold a row
             p_lo, p_hi = max(0, Sk - Sq) // P, (Sk - 1) // P
-            _run("score_pooled.cu", f"quest_own_page<{ct}, {acc_t}>",
+            _run("score_rowcol.cu", f"quest_own_page<{ct}, {acc_t}>",
                  (_cdiv(p_hi - p_lo + 1, 4), B * Hq), (128,),
                  (qd, kd, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(P), _I32(n),
                   _I32(p_lo), _I32(p_hi)))
         else:
-            _run("score_pooled.cu", f"quest_own<{ct}, {acc_t}>", (_cdiv(Sq, 4), B * Hq), (128,),
+            _run("score_rowcol.cu", f"quest_own<{ct}, {acc_t}>", (_cdiv(Sq, 4), B * Hq), (128,),
                  (qd, kd, U, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(P), _I32(n)))
     return _deliver((U,), out, host, ("bound",))
 
@@ -534,20 +447,20 @@ def prism_score(q: Any, k: Any, block_size: int, high_freq_dim: int, low_freq_di
     kb = cp.empty((B * Hkv, nk, D), cp.float64)
     stq = cp.empty((B * Hq, nq, 3), cp.float64)
     stk = cp.empty((B * Hkv, nk, 3), cp.float64)
-    _run("score_pooled.cu", f"pool_blocks<{_CT[kind]}, {V}, double>",
+    _run("score_pool.cu", f"pool_blocks<{_CT[kind]}, {V}, double>",
          (max(nq, nk), B * Hq + B * Hkv), (256,),
          (qd, qb, stq, _I32(B * Hq), _I32(Sq), _I32(nq), kd, kb, stk, _I32(Sk), _I32(nk),
           _I32(D), _I32(b), _I32(0), _I32(0), _I32(1), w_hi, w_lo),
          shared_mem=_pool_smem(D, V))
     sh = cp.empty((B, Hq), cp.float64)
     sl = cp.empty((B, Hq), cp.float64)
-    _run("score_pooled.cu", "prism_scales<double>", (B * Hq,), (256,),
+    _run("score_prism.cu", "prism_scales<double>", (B * Hq,), (256,),
          (stq, stk, sh, sl, _I32(Hq), _I32(G), _I32(nq), _I32(nk), _I32(D), _I32(n_hi),
           _I32(n_lo), _I32(h_dim), _I32(l_dim), _I32(bool(calibrate)), _F64(float(high_temp)),
           _F64(float(low_temp))))
     zh, zl, ph, pl = (cp.empty((B, Hq, nq, nk), cp.float64) for _ in range(4))
     for dims, nd, sig, z, p in ((dims_hi, n_hi, sh, zh, ph), (dims_lo, n_lo, sl, zl, pl)):
-        _run("score_pooled.cu", "prism_band<double>", (_cdiv(nq, 64), B * Hq), (256,),
+        _run("score_prism.cu", "prism_band<double>", (_cdiv(nq, 64), B * Hq), (256,),
              (qb, kb, dims, _I32(nd), sig, z, p, _I32(Hq), _I32(G), _I32(nq), _I32(nk), _I32(D)))
     return _deliver((zh, zl, ph, pl, sh, sl), out, host,
                     ("logits_high", "logits_low", "probs_high", "probs_low", "scale_high",

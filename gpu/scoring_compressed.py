@@ -19,7 +19,8 @@ NumPy in gives NumPy out, device in gives CuPy out; ``out=`` takes NumPy or CuPy
 float32/float64 arrays. fp32/fp64 inputs are computed in float64 (results float64);
 bf16/fp16 inputs return float32 and, for the token-level products (NSA's compressed
 attention, ProxyAttn's proxy attention, PBS's key importance) with D in {64, 128} on sm_80+,
-run on tensor cores (``gpu/score_compressed.cu``) with fp32 accumulation and softmax.
+run on tensor cores (``gpu/score_nsa.cu``, ``gpu/score_proxy_pbs.cu``) with fp32
+accumulation and softmax.
 Float64 operands of the reference that feed a tensor-core product (NSA's pooled keys,
 ProxyAttn's head-pooled q/k) are split into two 16-bit parts (hi + lo), so the products keep
 about 16 mantissa bits instead of bf16's 8. The pooled block products (ProxyAttn's budget
@@ -39,9 +40,11 @@ from refattn.core.errors import InputError
 from refattn.core.registry import register
 
 from ._build import get_kernel, launch, tensor_cores_available
-from .scoring import _CT, _cdiv, _deliver, _positive, _qk
+from ._scoring_common import _CT, _cdiv, _deliver, _positive, _qk
 
-_SRC = "score_compressed.cu"
+_SRC_NSA = "score_nsa.cu"
+_SRC_PX = "score_proxy_pbs.cu"
+_SRC_POOL = "score_compressed_pool.cu"
 _I32, _I64, _F32, _F64 = np.int32, np.int64, np.float32, np.float64
 _LOG2E = 1.4426950408889634
 
@@ -137,19 +140,19 @@ def _nsa(q: Any, k: Any, compress_size: int, stride: int, block_size: int, causa
         win = _nsa_win(64 >> ks, pc, ps)
         kc = cp.empty((B, Hkv, max(nc, 1), D << ks), cp.uint16)
         if nc:
-            launch(get_kernel(_SRC, f"win_mean<{ct}, {ct}>"), (nc, B * Hkv), (128,),
+            launch(get_kernel(_SRC_POOL, f"win_mean<{ct}, {ct}>"), (nc, B * Hkv), (128,),
                    (kd, kc, _I32(Sk), _I32(D), _I32(cl), _I32(cd), _I32(nc), _I32(0), _I32(ks)))
         p_slc = cp.empty((B, Hkv, Sq, kb), cp.float32)
         p_cmp = cp.empty((B, Hq, Sq, nc), cp.float32) if want_cmp else cp.empty((1,), cp.float32)
         if _nsa_v2(pc, ps):
-            launch(get_kernel(_SRC, f"nsa_tc2<{ct}, {D}, {ks}>"), (_cdiv(Sq, 128), Hkv, B),
+            launch(get_kernel(_SRC_NSA, f"nsa_tc2<{ct}, {D}, {ks}>"), (_cdiv(Sq, 128), Hkv, B),
                    (128,),
                    (qd, kc, p_slc, p_cmp, _I32(bool(want_cmp)), _I32(Hq), _I32(G), _I32(Sq),
                     _I32(Sk), _I32(nc), _I32(kb), _I32(cl), _I32(cd), _F32(scale * _LOG2E),
                     _I32(causal)),
                    shared_mem=_eng_smem(D))
             return p_slc, (p_cmp if want_cmp else None), host, kind
-        fn = get_kernel(_SRC, f"nsa_tc<{ct}, {D}, {ks}, {win}>")
+        fn = get_kernel(_SRC_NSA, f"nsa_tc<{ct}, {D}, {ks}, {win}>")
         launch(fn, (_cdiv(Sq, 128), Hkv, B), (128,),
                (qd, kc, p_slc, p_cmp, _I32(bool(want_cmp)), _I32(Hq), _I32(G), _I32(Sq), _I32(Sk),
                 _I32(nc), _I32(kb), _I32(cl), _I32(cd), _I32(pc), _I32(ps),
@@ -158,11 +161,11 @@ def _nsa(q: Any, k: Any, compress_size: int, stride: int, block_size: int, causa
         return p_slc, (p_cmp if want_cmp else None), host, kind
     kcd = cp.empty((B, Hkv, max(nc, 1), D), cp.float64)
     if nc:
-        launch(get_kernel(_SRC, f"win_mean<{ct}, double>"), (nc, B * Hkv), (128,),
+        launch(get_kernel(_SRC_POOL, f"win_mean<{ct}, double>"), (nc, B * Hkv), (128,),
                (kd, kcd, _I32(Sk), _I32(D), _I32(cl), _I32(cd), _I32(nc), _I32(0), _I32(0)))
     p_slc = cp.empty((B, Hkv, Sq, kb), cp.float64)
     p_cmp = cp.empty((B, Hq, Sq, nc), cp.float64)
-    launch(get_kernel(_SRC, f"nsa_exact<{ct}>"), (_cdiv(Sq, 4), Hkv, B), (128,),
+    launch(get_kernel(_SRC_NSA, f"nsa_exact<{ct}>"), (_cdiv(Sq, 4), Hkv, B), (128,),
            (qd, kcd, p_slc, p_cmp, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(nc),
             _I32(kb), _I32(cl), _I32(cd), _I32(pc), _I32(ps), _F64(scale), _I32(causal)),
            shared_mem=4 * D * 8)
@@ -250,7 +253,7 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
         QS, KS = int(qsplit), int(ksplit)
         kpt, qpc = 64 >> KS, 128 >> QS
         bpt = _proxy_bpt(bs, kpt)
-        hm = get_kernel(_SRC, f"head_mean<{ct}, {ct}>")
+        hm = get_kernel(_SRC_POOL, f"head_mean<{ct}, {ct}>")
         if qsplit:
             qs = cp.empty((B, C, Sq, 2 * D), cp.uint16)
             launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
@@ -274,8 +277,8 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
         mcs = cp.empty((group, kba, nsa), cp.float32)
         rst = cp.empty((group, 2, nsa), cp.float32)
         S = cp.empty((B, C, Qb, Kb), cp.float32)
-        ktile = get_kernel(_SRC, f"proxy_tc<{ct}, {D}, {QS}, {KS}, {bpt}>")
-        kred = get_kernel(_SRC, "proxy_reduce<0>")
+        ktile = get_kernel(_SRC_PX, f"proxy_tc<{ct}, {D}, {QS}, {KS}, {bpt}>")
+        kred = get_kernel(_SRC_PX, "proxy_reduce<0>")
         for bc0 in range(0, BC, group):
             g = min(group, BC - bc0)
             launch(ktile, (nsa // qpc, g), (128,),
@@ -289,7 +292,7 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
                     _I32(Qb), _I32(Kb), _I32(nsa), _I32(kba), _I32(causal), _I32(bc0)),
                    shared_mem=3 * rmax * 4)
         return _deliver((S,), out, host, ("proxy_scores",))
-    hm = get_kernel(_SRC, f"head_mean<{ct}, double>")
+    hm = get_kernel(_SRC_POOL, f"head_mean<{ct}, double>")
     qt = cp.empty((B, C, Sq, D), cp.float64)
     kt = cp.empty((B, C, Sk, D), cp.float64)
     launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
@@ -297,7 +300,7 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
     launch(hm, (_cdiv(Sk * D, 256), C, B), (256,),
            (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(0)))
     S = cp.zeros((B, C, Qb, Kb), cp.float64)
-    launch(get_kernel(_SRC, "proxy_exact<0>"), (_cdiv(Qb * rmax, 4), B * C), (128,),
+    launch(get_kernel(_SRC_PX, "proxy_exact<0>"), (_cdiv(Qb * rmax, 4), B * C), (128,),
            (qt, kt, S, _I32(Sq), _I32(Sk), _I32(D), _I32(bs), _I32(st), _I32(rmax), _I32(Qb),
             _I32(Kb), _F64(scale), _I32(causal)), shared_mem=4 * D * 8)
     return _deliver((_finish(S, kind),), out, host, ("proxy_scores",))
@@ -308,7 +311,7 @@ def _pool(xd: Any, kind: str, block: int, true_len: bool) -> Any:
     B, H, S, D = xd.shape
     n = _cdiv(S, block)
     out = cp.empty((B, H, n, D), cp.float64)
-    launch(get_kernel(_SRC, f"win_mean<{_CT[kind]}, double>"), (n, B * H), (128,),
+    launch(get_kernel(_SRC_POOL, f"win_mean<{_CT[kind]}, double>"), (n, B * H), (128,),
            (xd, out, _I32(S), _I32(D), _I32(block), _I32(block), _I32(n), _I32(bool(true_len)),
             _I32(0)))
     return out
@@ -319,7 +322,7 @@ def _pooled_softmax(z: Any, mode: int, Sq: int, Sk: int, bs: int, mseg: int, cau
     B, H, nq, nk = z.shape
     out = cp.empty_like(z)
     rows = B * H * nq
-    launch(get_kernel(_SRC, f"pooled_softmax<{mode}>"), (_cdiv(rows, 4),), (128,),
+    launch(get_kernel(_SRC_POOL, f"pooled_softmax<{mode}>"), (_cdiv(rows, 4),), (128,),
            (z, out, _I32(nq), _I32(nk), _I32(Sq), _I32(Sk), _I32(bs), _I32(mseg),
             _I32(bool(causal)), _F64(scale), _I64(rows)))
     return out
@@ -377,11 +380,11 @@ def pbs_key_importance(q: Any, k: Any, block_size: int, segment_size: int, *,
         args = (qd, kd, stM, stL, w, _I32(Hq), _I32(G), _I32(L), _I32(ell), _I32(T),
                 _I32(nsplit), _I32(tps), _I32(ella), _F32(scale * _LOG2E), _I32(nrt > 1))
         for mode in (0, 1):
-            launch(get_kernel(_SRC, f"pbs_ki_tc<{ct}, {D}, {mode}>"), (nsplit, nrt, B * Hq),
+            launch(get_kernel(_SRC_PX, f"pbs_ki_tc<{ct}, {D}, {mode}>"), (nsplit, nrt, B * Hq),
                    (128,), args, shared_mem=_eng_smem(D))
         return _deliver((w,), out, host, ("key_importance",))
     w = cp.zeros((B, Hq, T), cp.float64)
-    launch(get_kernel(_SRC, f"pbs_ki_exact<{ct}>"), (_cdiv(ell, 4), B * Hq), (128,),
+    launch(get_kernel(_SRC_PX, f"pbs_ki_exact<{ct}>"), (_cdiv(ell, 4), B * Hq), (128,),
            (qd, kd, w, _I32(Hq), _I32(G), _I32(L), _I32(D), _I32(ell), _I32(T), _F64(scale)),
            shared_mem=4 * D * 8)
     return _deliver((_finish(w, kind),), out, host, ("key_importance",))

@@ -24,7 +24,8 @@ as float64; bf16/fp16 inputs use tensor cores (mma.sync, fp32 accumulation) for 
 q.k product, fp32 softmax arithmetic, and return float32. FlexPrefill's pooled estimates
 (block means, the ``n x n`` pooled logits and their softmaxes) are float64 for every dtype.
 
-Kernels (``gpu/score_estimate.cu``, see ``docs/gpu.md``, "Estimate scoring kernels"):
+Kernels (``gpu/score_bsfa.cu``, ``gpu/score_vslash.cu``, ``gpu/score_flexprefill_pool.cu``;
+see ``docs/gpu.md``, "Estimate scoring kernels"):
 
 * BSFA: ``bsfa_mma`` (bf16/fp16, ``D % 16 == 0``, ``D <= 128``, ``block_q % 16 == 0``,
   ``block_k % 8 == 0``) is a tensor-core tile GEMM with a max epilogue and atomic-max
@@ -48,9 +49,11 @@ from refattn.core.errors import InputError
 from refattn.core.registry import register
 
 from ._build import get_kernel, launch, tensor_cores_available
-from .scoring import _CT, _acc, _cdiv, _deliver, _positive, _qk
+from ._scoring_common import _CT, _acc, _cdiv, _deliver, _positive, _qk
 
-_SRC = "score_estimate.cu"
+_SRC_BSFA = "score_bsfa.cu"
+_SRC_VS = "score_vslash.cu"
+_SRC_POOL = "score_flexprefill_pool.cu"
 _I32, _I64, _F32, _F64 = np.int32, np.int64, np.float32, np.float64
 _LOG2E = 1.4426950408889634
 
@@ -139,7 +142,7 @@ def bsfa_impl(q: Any, k: Any, block_q: int, block_k: int, scale: float, causal: 
     if _pick_path(path, bsfa_fast_path(kind, D, bq, bk), "bsfa_score"):
         qd, kd = _aligned(qd), _aligned(kd)
         mx = cp.full((B, Hq, Qb, Kb), -cp.inf, cp.float32)
-        fn = get_kernel(_SRC, f"bsfa_mma<{ct}, {D}, {'true' if sc < 0 else 'false'}, "
+        fn = get_kernel(_SRC_BSFA, f"bsfa_mma<{ct}, {D}, {'true' if sc < 0 else 'false'}, "
                               f"{int(BSFA_MIN_CTAS)}>")
         launch(fn, (_cdiv(Sq, BSFA_BM), Hq, B), (128,),
                (qd, kd, mx, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(bq), _I32(bk),
@@ -147,7 +150,7 @@ def bsfa_impl(q: Any, k: Any, block_q: int, block_k: int, scale: float, causal: 
                shared_mem=(BSFA_BM + 2 * 64) * (D + 8) * 2)
     else:
         mx = cp.full((B, Hq, Qb, Kb), -cp.inf, cp.float64)
-        fn = get_kernel(_SRC, f"bsfa_exact<{ct}>")
+        fn = get_kernel(_SRC_BSFA, f"bsfa_exact<{ct}>")
         launch(fn, (_cdiv(Sk, 64), _cdiv(Sq, 64), B * Hq), (256,),
                (qd, kd, mx, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(bq),
                 _I32(bk), _I32(Qb), _I32(Kb), _F64(sc), _I32(causal)))
@@ -196,30 +199,30 @@ def vertical_slash(qd: Any, kd: Any, kind: str, dims: tuple[int, ...], ell: int,
         sl2 = _F32(scale * _LOG2E)
         st_m = cp.empty((BH, ell, nch), cp.float32)
         st_l = cp.empty((BH, ell, nch), cp.float32)
-        launch(get_kernel(_SRC, f"vs_stats<{ct}, {D}, {BM}>"), (nch, nrt, BH), (128,),
+        launch(get_kernel(_SRC_VS, f"vs_stats<{ct}, {D}, {BM}>"), (nch, nrt, BH), (128,),
                (qd, kd, st_m, st_l, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(ell),
                 _I32(chunk), _I32(nch), sl2),
                shared_mem=(BM + 2 * VS_BN) * (D + 8) * 2)
         row_m = cp.empty((BH, ell), cp.float32)
         row_inv = cp.empty((BH, ell), cp.float32)
         rows = BH * ell
-        launch(get_kernel(_SRC, "vs_combine"), (_cdiv(rows, 256),), (256,),
+        launch(get_kernel(_SRC_VS, "vs_combine"), (_cdiv(rows, 256),), (256,),
                (st_m, st_l, row_m, row_inv, _I64(rows), _I32(nch), _F32(div)))
         vert = cp.zeros((B, Hq, Sk), cp.float32)
         sl = cp.zeros((B, Hq, Sk), cp.float32)
-        launch(get_kernel(_SRC, f"vs_accum<{ct}, {D}, {BM}>"), (nch, nrt, BH), (128,),
+        launch(get_kernel(_SRC_VS, f"vs_accum<{ct}, {D}, {BM}>"), (nch, nrt, BH), (128,),
                (qd, kd, row_m, row_inv, vert, sl, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk),
                 _I32(ell), _I32(chunk), sl2),
                shared_mem=vs_accum_smem(D, BM, chunk))
         return vert, sl
     row_m = cp.empty((BH, ell), cp.float64)
     row_inv = cp.empty((BH, ell), cp.float64)
-    launch(get_kernel(_SRC, f"vs_exact_rows<{ct}>"), (_cdiv(ell, 4), BH), (128,),
+    launch(get_kernel(_SRC_VS, f"vs_exact_rows<{ct}>"), (_cdiv(ell, 4), BH), (128,),
            (qd, kd, row_m, row_inv, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(ell),
             _F64(scale), _F64(div)))
     vert = cp.empty((B, Hq, Sk), cp.float64)
     sl = cp.empty((B, Hq, Sk), cp.float64)
-    launch(get_kernel(_SRC, f"vs_exact_cols<{ct}>"), (_cdiv(Sk, 128), BH, 2), (128,),
+    launch(get_kernel(_SRC_VS, f"vs_exact_cols<{ct}>"), (_cdiv(Sk, 128), BH, 2), (128,),
            (qd, kd, row_m, row_inv, vert, sl, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D),
             _I32(ell), _F64(scale)))
     acc_dt = _acc(kind)[1]
@@ -257,7 +260,7 @@ def block_means(xd: Any, kind: str, BH: int, S: int, D: int, t_begin: int, blk: 
     """float64 ``[BH, nblk, D]``: ``mul`` times the mean of rows ``[t_begin + j*blk,
     min(S, t_begin + (j+1)*blk))`` of ``xd [BH, S, D]`` (true length)."""
     out = cp.empty((BH, nblk, D), cp.float64)
-    launch(get_kernel(_SRC, f"est_block_mean<{_CT[kind]}>"), (nblk, BH), (256,),
+    launch(get_kernel(_SRC_POOL, f"est_block_mean<{_CT[kind]}>"), (nblk, BH), (256,),
            (_aligned(xd), out, _I32(S), _I32(D), _I32(t_begin), _I32(blk), _I32(nblk),
             _F64(mul)))
     return out
@@ -298,7 +301,7 @@ def flexprefill_impl(q: Any, k: Any, block_size: int = 128, scale: float | None 
     del qbar, kT
     blk = cp.empty((B, Hq, n, n), acc_dt)
     pooled = cp.empty((B, Hq, n), acc_dt)
-    sm = get_kernel(_SRC, f"est_softmax<{acc_t}>")
+    sm = get_kernel(_SRC_POOL, f"est_softmax<{acc_t}>")
     launch(sm, (B * Hq * n,), (256,), (zb, blk, _I32(n), _I32(n), _I32(1)))
     launch(sm, (B * Hq,), (256,), (zp, pooled, _I32(n), _I32(1), _I32(0)))
     return _deliver((vert, sl, pooled, blk), out, host,

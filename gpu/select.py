@@ -25,7 +25,8 @@ results, device scores CuPy results. ``out=``: a tuple ``(mask, boundary)`` of N
 CuPy arrays, bool and float (float32 or float64); both are written completely and ``out``
 is returned.
 
-Kernels (``gpu/select.cu``; docs/gpu.md, "Selection kernels"):
+Kernels (``gpu/select_topk.cu``, ``gpu/select_threshold.cu``; docs/gpu.md, "Selection
+kernels"):
 
 * top-k: radix select of the k-th largest order-preserving key, then an ordered tie pass;
   one warp per row up to :data:`WARP_MAX` entries, one CTA per row while the row's keys fit
@@ -73,39 +74,43 @@ BLOCK_KEY_BYTES = 64 * 1024
 #: Cumulative rule: rows up to this many entries (rounded up to a power of two) are sorted
 #: in shared memory; longer rows are sorted by CuPy.
 CUM_BLOCK_MAX = 8192
-#: Entries per CTA of the multi-CTA (long-row) kernels; must equal G_CHUNK of select.cu.
+#: Entries per CTA of the multi-CTA (long-row) kernels; must equal G_CHUNK of select_keys.cuh.
 G_CHUNK = 4096
 _G_THREADS = 256
 _TOPK_PATHS = ("auto", "warp", "block", "multi")
 _CUM_PATHS = ("auto", "warp", "block", "sort")
 _OPTIN: dict[int, int] = {}
 _LOCK = threading.Lock()
-_MODULES: dict[tuple[str, int], Any] = {}
+_MODULES: dict[tuple[str, str, int], Any] = {}
 _FUNCS: dict[tuple[str, int], Any] = {}
 
 
-def _family(fmt: str) -> list[str]:
-    """Every kernel instantiation of one score format (compiled together: one NVRTC run
-    instead of one per kernel); ``"any"``: the format-free kernels."""
+def _family(filename: str, fmt: str) -> list[str]:
+    """Every kernel instantiation of one score format in ``filename`` (compiled together: one
+    NVRTC run instead of one per kernel); ``"any"``: the format-free kernels."""
+    if filename == "select_topk.cu":
+        if fmt == "any":
+            return ["sel_g_pick"]
+        return [f"sel_topk_group<{fmt}, 32>", f"sel_topk_group<{fmt}, {BLOCK_THREADS}>",
+                f"sel_g_hist<{fmt}>", f"sel_g_ties<{fmt}>", f"sel_g_mask<{fmt}>"]
     if fmt == "any":
-        return ["sel_g_pick", "sel_cum_serial<unsigned>", "sel_cum_serial<unsigned long long>"]
-    return [f"sel_topk_group<{fmt}, 32>", f"sel_topk_group<{fmt}, {BLOCK_THREADS}>",
-            f"sel_cum_group<{fmt}, 32>", f"sel_cum_group<{fmt}, {BLOCK_THREADS}>",
-            f"sel_g_hist<{fmt}>", f"sel_g_ties<{fmt}>", f"sel_g_mask<{fmt}>",
+        return ["sel_cum_serial<unsigned>", "sel_cum_serial<unsigned long long>"]
+    return [f"sel_cum_group<{fmt}, 32>", f"sel_cum_group<{fmt}, {BLOCK_THREADS}>",
             f"sel_cum_keys<{fmt}>", f"sel_fixed<{fmt}>"]
 
 
 def get_kernel(filename: str, name: str) -> Any:
-    """The :class:`cupy.RawKernel` ``name`` of ``select.cu`` (as ``_build.get_kernel``, but
-    each score format's kernels are compiled in one module, lazily, on first use)."""
-    assert filename == "select.cu"
+    """The :class:`cupy.RawKernel` ``name`` of ``select_topk.cu`` or ``select_threshold.cu``
+    (as ``_build.get_kernel``, but each file's kernels of one score format are compiled in one
+    module, lazily, on first use)."""
+    assert filename in ("select_topk.cu", "select_threshold.cu")
     dev = cp.cuda.Device().id
     fn = _FUNCS.get((name, dev))
     if fn is not None:
         return fn
     m = re.match(r"\w+<(\d+)", name)
     fam = m.group(1) if m else "any"
-    key = (fam, dev)
+    key = (filename, fam, dev)
     mod = _MODULES.get(key)
     if mod is None:
         with _LOCK:
@@ -116,7 +121,7 @@ def get_kernel(filename: str, name: str) -> Any:
                 except TypeError:          # the older signature, without a file name
                     opts = _build.compile_options()
                 mod = cp.RawModule(code=_build._source(filename), options=opts,
-                                   name_expressions=_family(fam))
+                                   name_expressions=_family(filename, fam))
                 _MODULES[key] = mod
     fn = _FUNCS[(name, dev)] = mod.get_function(name)
     return fn
@@ -328,10 +333,10 @@ def _top_m(d: Any, fmt: int, R: int, N: int, vd: Any, vsr: int, vsc: int, kk: An
         per = _a16(N * _key_bytes(fmt)) + 1280        # keys + histogram + scratch, per row
         if path == "warp":
             groups = max(1, min(4, (48 * 1024) // per))
-            fn = get_kernel("select.cu", f"sel_topk_group<{fmt}, 32>")
+            fn = get_kernel("select_topk.cu", f"sel_topk_group<{fmt}, 32>")
             grid, block, smem = (_cdiv(R, groups),), (32 * groups,), groups * per
         else:
-            fn = get_kernel("select.cu", f"sel_topk_group<{fmt}, {BLOCK_THREADS}>")
+            fn = get_kernel("select_topk.cu", f"sel_topk_group<{fmt}, {BLOCK_THREADS}>")
             grid, block, smem = (R,), (BLOCK_THREADS,), per
         if smem > _smem_optin():
             raise InputError(f"top-k: rows of {N} entries need {smem} bytes of shared memory "
@@ -345,16 +350,16 @@ def _top_m(d: Any, fmt: int, R: int, N: int, vd: Any, vsr: int, vsc: int, kk: An
     nvalid = cp.zeros((R,), cp.uint32)
     tcnt = cp.empty((R, nch), cp.uint32)
     grid, block = (R * nch,), (_G_THREADS,)
-    f_hist = get_kernel("select.cu", f"sel_g_hist<{fmt}>")
-    f_pick = get_kernel("select.cu", "sel_g_pick")
+    f_hist = get_kernel("select_topk.cu", f"sel_g_hist<{fmt}>")
+    f_pick = get_kernel("select_topk.cu", "sel_g_pick")
     geo = common + (_I32(N), _I32(nch))
     launch(f_hist, grid, block, geo + (_NULL, ghist, nvalid, _I32(kbits - 8)))
     launch(f_pick, (R,), (32,), (kk, nvalid, st, ghist, _I32(kbits - 8), _I32(1)))
     for shift in range(kbits - 16, -1, -8):
         launch(f_hist, grid, block, geo + (st, ghist, _NULL, _I32(shift)))
         launch(f_pick, (R,), (32,), (kk, nvalid, st, ghist, _I32(shift), _I32(0)))
-    launch(get_kernel("select.cu", f"sel_g_ties<{fmt}>"), grid, block, geo + (st, tcnt))
-    launch(get_kernel("select.cu", f"sel_g_mask<{fmt}>"), grid, block,
+    launch(get_kernel("select_topk.cu", f"sel_g_ties<{fmt}>"), grid, block, geo + (st, tcnt))
+    launch(get_kernel("select_topk.cu", f"sel_g_mask<{fmt}>"), grid, block,
            geo + (st, tcnt, th, md, bd))
 
 
@@ -393,10 +398,10 @@ def _cum_counts(d: Any, fmt: int, R: int, N: int, vd: Any, vsr: int, vsc: int, t
         per = _cum_group_bytes(P2, fmt)
         if path == "warp":
             groups = max(1, min(4, (48 * 1024) // per))
-            fn = get_kernel("select.cu", f"sel_cum_group<{fmt}, 32>")
+            fn = get_kernel("select_threshold.cu", f"sel_cum_group<{fmt}, 32>")
             grid, block, smem = (_cdiv(R, groups),), (32 * groups,), groups * per
         else:
-            fn = get_kernel("select.cu", f"sel_cum_group<{fmt}, {BLOCK_THREADS}>")
+            fn = get_kernel("select_threshold.cu", f"sel_cum_group<{fmt}, {BLOCK_THREADS}>")
             grid, block, smem = (R,), (BLOCK_THREADS,), per
         if smem > _smem_optin():
             raise InputError(f"cumulative_threshold: rows of {N} entries need {smem} bytes of "
@@ -406,14 +411,14 @@ def _cum_counts(d: Any, fmt: int, R: int, N: int, vd: Any, vsr: int, vsc: int, t
     else:
         kdt = cp.uint64 if fmt == 3 else cp.uint32
         keys = cp.empty((R, N), kdt)
-        launch(get_kernel("select.cu", f"sel_cum_keys<{fmt}>"),
+        launch(get_kernel("select_threshold.cu", f"sel_cum_keys<{fmt}>"),
                (min(_cdiv(R * N, 256), 1 << 16),), (256,),
                common + (_I64(R), _I32(N), keys, flags))
         nv = cp.count_nonzero(keys, axis=1).astype(cp.int64)
         srt = cp.sort(keys, axis=1)
         del keys
-        launch(get_kernel("select.cu", f"sel_cum_serial<{_KEY_T[fmt]}>"), (_cdiv(R, 128),),
-               (128,), (srt, nv, tau, _I32(R), _I32(N), _I32(bool(normalize)),
+        launch(get_kernel("select_threshold.cu", f"sel_cum_serial<{_KEY_T[fmt]}>"),
+               (_cdiv(R, 128),), (128,), (srt, nv, tau, _I32(R), _I32(N), _I32(bool(normalize)),
                         _I32(bool(incl)), m))
     if int(flags.get()[0]):
         raise InputError("cumulative_threshold: scores must be non-negative masses")
@@ -504,7 +509,7 @@ def fixed_threshold(scores: Any, threshold: Any, valid: Any = None, inclusive: b
             cw, cpr, rpb = N, 1, max(1, 2048 // N)
         else:
             cw, cpr, rpb = 2048, _cdiv(N, 2048), 1
-        launch(get_kernel("select.cu", f"sel_fixed<{fmt}>"), (_cdiv(R, rpb) * cpr,), (256,),
+        launch(get_kernel("select_threshold.cu", f"sel_fixed<{fmt}>"), (_cdiv(R, rpb) * cpr,), (256,),
                (d, vd, _I64(vsr), _I64(vsc), t, _I32(R), _I32(N), _I32(rpb), _I32(cw),
                 _I32(cpr), _I32(bool(inclusive)), md))
         bd[...] = t

@@ -97,7 +97,7 @@ def bsfa_flops(S: int, H: int, D: int, bq: int = 128, bk: int = 64) -> float:
 
 def run_size(S: int, args: argparse.Namespace) -> None:
     from refattn.gpu import scoring_estimate as se
-    from refattn.gpu.scoring import _qk
+    from refattn.gpu._scoring_common import _qk
 
     H, D = args.heads, args.dim
     log(f"\n== S = {S}, B = 1, H = {H}, D = {D}, bf16, causal ==")

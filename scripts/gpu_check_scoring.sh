@@ -25,7 +25,7 @@ NVCC=${NVCC:-$(command -v nvcc || true)}
 if [ -n "$NVCC" ]; then
   # ptxas' view of the kernels the launchers instantiate (NVRTC's numbers are printed by the
   # benchmark); a spill here is worth knowing before reading the timings.
-  for f in score_xattn score_pooled; do
+  for f in score_xattn score_pool score_rowcol score_prism; do
     "$NVCC" -arch=sm_90 -std=c++17 -Igpu -DREFATTN_INSTANTIATE --resource-usage -cubin \
       -o /dev/null "gpu/$f.cu" 2>&1 | grep -E "Compiling entry|registers|spill" \
       | sed -e 's/ptxas info *: //' | paste - - -
