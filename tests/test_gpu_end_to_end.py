@@ -98,6 +98,12 @@ def _qkv(S=2048, Hq=4, Hkv=2, D=128, seed=0):
     return q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)
 
 
+# per-method parameters of the end-to-end test where the defaults give a trivial selection
+# (BSFA's self-calibration with topk=64 keeps every causal tile at S = 2048: at most 30
+# off-diagonal tiles per row)
+PARAMS: dict[str, dict] = {"bsfa": dict(topk=8)}
+
+
 def test_some_methods_are_device_capable():
     assert _device_methods(), "no LLM method is registered with device=True"
 
@@ -107,9 +113,10 @@ def test_some_methods_are_device_capable():
 def test_select_then_attention_stays_on_device(method, dtype):
     q, k, v = _qkv()
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    ref = refattn.select(q, k, method, v=v, backend="numpy")
+    params = PARAMS.get(method, {})
+    ref = refattn.select(q, k, method, v=v, backend="numpy", **params)
     qd, kd, vd = cp.asarray(q), cp.asarray(k), cp.asarray(v)
-    sel = refattn.select(qd, kd, method, v=vd, backend="cupy")
+    sel = refattn.select(qd, kd, method, v=vd, backend="cupy", **params)
     assert sel.on_device, f"{method}: the mask came back on the host"
     if sel.scores is not None:
         assert isinstance(sel.scores.scores, cp.ndarray), f"{method}: host scores"
@@ -128,3 +135,52 @@ def test_select_then_attention_stays_on_device(method, dtype):
         if rep.stats["mismatches"] == 0:
             r = compare_arrays(want, out.get(), "float32", name="out")
             assert r.ok, r.summary()
+
+
+# ------------------------------------ XAttention and Prism: extras on the device; PBS host-only
+# non-default parameters: several query chunks (XAttention's later-chunk rule as well as the
+# first-chunk one) and per-head thresholds; Prism below its near-dense default thresholds
+DEVICE_EXTRAS: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "xattention": (dict(threshold=(0.8, 0.9, 0.85, 0.95), chunk_size=512),
+                   ("W_padded", "mask_padded", "mask_chunks")),
+    "prism": (dict(high_threshold=0.8, low_threshold=0.85),
+              ("logits_high", "logits_low", "probs_high", "probs_low", "scale_high",
+               "scale_low", "mask_high", "mask_low", "boundary_high", "boundary_low")),
+}
+
+
+@pytest.mark.parametrize("method", sorted(DEVICE_EXTRAS) if _WHY is None else [])
+def test_selection_and_its_extras_stay_on_device(method):
+    params, names = DEVICE_EXTRAS[method]
+    q, k, v = _qkv(seed=1)
+    ref = refattn.select(q, k, method, backend="numpy", **params)
+    qd, kd, vd = cp.asarray(q), cp.asarray(k), cp.asarray(v)
+    sel = refattn.select(qd, kd, method, backend="cupy", **params)
+    assert sel.on_device and isinstance(sel.forced, cp.ndarray)
+    for name in names:
+        assert isinstance(sel.extras[name], cp.ndarray), f"{method}: extras[{name!r}] on the host"
+    host = sel.to_host()
+    # float32 inputs: both scoring kernels compute in float64
+    raw = "W_padded" if method == "xattention" else "probs_high"
+    np.testing.assert_allclose(host.extras[raw], ref.extras[raw], rtol=1e-9, atol=1e-12)
+    rep = compare_masks(ref, host.mask, tol=1e-6)
+    assert rep.ok, rep.summary()
+    out = refattn.attention(qd, kd, vd, mask=sel, causal=True, backend="cupy")
+    assert isinstance(out, cp.ndarray)
+    out_h = refattn.attention(qd, kd, vd, mask=host, causal=True, backend="cupy")
+    assert np.array_equal(out.get(), out_h.get())
+
+
+def test_pbs_stays_host_only():
+    """PBS's selection is a token-level mask on permuted keys (``PermutedTokenMask``), which
+    the GPU attention does not take (it runs on the reference): PBS is not ``device=True``,
+    its selection comes back on the host (its scoring kernels still run on the GPU)."""
+    from refattn.core.errors import InputError
+
+    assert not refattn.methods()["pbs"]["device"]
+    q, k, v = _qkv(S=1024)
+    qd, kd, vd = cp.asarray(q), cp.asarray(k), cp.asarray(v)
+    sel = refattn.select(qd, kd, "pbs", backend="cupy")
+    assert not sel.on_device and sel.extras["token_mask"] is not None
+    with pytest.raises(InputError, match="token-level"):
+        refattn.attention(qd, kd, vd, mask=sel, causal=True, backend="cupy")

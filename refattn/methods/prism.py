@@ -28,17 +28,29 @@ no causal re-mask, so when the cumulative mass stays below τ (τ = 1 and roundi
 probability future blocks are kept too. The mask is the union of the bands; then the sink
 column (``force_sink``) and the diagonal ``J = I + n_k - n_q`` (``force_recent``) are set,
 outside the mass.
+
+Device arrays (``device=True``): the selection is array-module generic. With CuPy q and k
+and ``backend="cupy"``, the six outputs of the CUDA ``prism_score`` kernel (float64) stay on
+the GPU, and the top-p (stable sort, float32 rounding, float64 cumulative sum), boundaries,
+union score and mask run there, and the ``[n_q, n_k]`` geometry (causal validity, sink and
+diagonal) is built there: nothing is copied between host and device. CuPy's ``cumsum`` adds in
+another order than NumPy's sequential one; its float64 partial sums of float32 values are
+rounded to float32 before the comparison with tau, so on the same probabilities the masks
+can differ only where a float64 partial sum lies within a few ulps of a float32 rounding
+midpoint next to tau (a near-tie). Host inputs run exactly the NumPy code as before.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -197,6 +209,26 @@ define_op("prism_score", prism_score,
 
 
 # --------------------------------------------------------------------------- selection
+def _argsort_stable(x: Any) -> Any:
+    """Stable argsort along the last axis in ``x``'s array module (CuPy's sorts are always
+    stable and take no ``kind``)."""
+    if isinstance(x, np.ndarray):
+        return np.argsort(x, axis=-1, kind="stable")
+    return array_module(x).argsort(x, axis=-1)
+
+
+def _scatter_last(order: Any, values: Any) -> Any:
+    """``out`` with ``out[..., order[..., r]] = values[..., r]`` (``order`` a permutation of
+    the last axis): ``np.put_along_axis`` by fancy indexing, which CuPy has too."""
+    xp = array_module(values)
+    lead = values.shape[:-1]
+    idx = tuple(xp.arange(d).reshape((1,) * a + (d,) + (1,) * (len(lead) - a))
+                for a, d in enumerate(lead))
+    out = xp.zeros(values.shape, dtype=values.dtype)
+    out[idx + (order,)] = values
+    return out
+
+
 def top_p_select(probs: np.ndarray, tau: float) -> np.ndarray:
     """The official torch ``top_p_select`` (CPU path): bool like ``probs [..., N]``.
 
@@ -206,42 +238,47 @@ def top_p_select(probs: np.ndarray, tau: float) -> np.ndarray:
     CPU float32 tensor accumulates in double and stores float32, the subtraction is float32,
     and τ is compared as float32. Every block is a candidate, future ones included (p = 0):
     they are kept when the float32 total stays below τ.
+
+    Array-module generic: CuPy ``probs`` give a CuPy mask (see the module docstring).
     """
-    p32 = np.asarray(probs, dtype=np.float64).astype(np.float32)
-    order = np.argsort(-p32, axis=-1, kind="stable")
-    srt = np.take_along_axis(p32, order, axis=-1)
-    cum = np.cumsum(srt.astype(np.float64), axis=-1).astype(np.float32)
+    xp = array_module(probs)
+    p64 = np.asarray(probs, dtype=np.float64) if xp is np else probs.astype(np.float64,
+                                                                              copy=False)
+    p32 = p64.astype(np.float32)
+    order = _argsort_stable(-p32)
+    srt = xp.take_along_axis(p32, order, axis=-1)
+    cum = xp.cumsum(srt.astype(np.float64), axis=-1).astype(np.float32)
     keep = (cum - srt) < np.float32(tau)
-    mask = np.zeros(keep.shape, dtype=bool)
-    np.put_along_axis(mask, order, keep, axis=-1)
-    return mask
+    return _scatter_last(order, keep)
 
 
 def _band_boundary(probs: np.ndarray, sel: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per row, the smallest probability kept among valid (causal) blocks: the crossing
     block's probability. ``nan`` where the band kept nothing."""
+    xp = array_module(probs)
     kept = sel & valid
     with np.errstate(invalid="ignore"):
-        b = np.where(kept, probs, np.inf).min(axis=-1)
-    return np.where(kept.any(axis=-1), b, np.nan)
+        b = xp.where(kept, probs, np.inf).min(axis=-1)
+    return xp.where(kept.any(axis=-1), b, np.nan)
 
 
 def _ratio(probs: np.ndarray, boundary: np.ndarray) -> np.ndarray:
     """``p / boundary`` per row: >= 1 exactly for the blocks a band keeps by mass. A row that
     kept nothing (``nan``) gives 0; a zero boundary (probabilities underflowed) gives
     ``inf`` for positive ``p`` and 1 for ``p = 0``."""
+    xp = array_module(probs)
     bnd = boundary[..., None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(bnd > 0, probs / np.where(bnd > 0, bnd, 1.0),
-                     np.where(probs > 0, np.inf, 1.0))
-    return np.where(np.isnan(bnd), 0.0, r)
+        r = xp.where(bnd > 0, probs / xp.where(bnd > 0, bnd, 1.0),
+                     xp.where(probs > 0, np.inf, 1.0))
+    return xp.where(xp.isnan(bnd), 0.0, r)
 
 
 @register_method(
     "prism", PrismParams, kind="llm-prefill",
     summary="128-block mean-pooled q.k in two RoPE frequency bands with energy-calibrated "
             "temperatures; per-band top-p, union, sink + diagonal forced after selection",
-    paper="arXiv:2602.08426", code=CODE)
+    paper="arXiv:2602.08426", code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PrismParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """Prism selection on canonical ``bhsd`` arrays (q ``[B,Hq,Sq,D]``, k ``[B,Hkv,Sk,D]``).
@@ -265,29 +302,31 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PrismPara
     hi, lo = high_band(D, int(p.high_freq_dim)), low_band(D, int(p.low_freq_dim))
     _warn_bands(D, hi, lo, int(p.high_freq_dim), int(p.low_freq_dim))
     score = dispatch("prism_score", backend, (q, k))
-    zh, zl, ph, pl, sh, sl = (np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64)
-                              for x in score(
-        q, k, b, int(p.high_freq_dim), int(p.low_freq_dim), bool(p.calibrate),
-        float(p.high_temp), float(p.low_temp)))
+    res = score(q, k, b, int(p.high_freq_dim), int(p.low_freq_dim), bool(p.calibrate),
+                float(p.high_temp), float(p.low_temp))
+    xp = array_module(res[0])       # device inputs (backend "cupy") stay on the device
+    zh, zl, ph, pl, sh, sl = (np.asarray(x, dtype=np.float64) if xp is np
+                              else x.astype(np.float64, copy=False) for x in res)
     nq, nk = ph.shape[-2:]
-    valid = ~(np.arange(nk)[None, :] > np.arange(nq)[:, None] + (nk - nq))
+    # [n_q, n_k] geometry, built where the scores live: block-causal validity with the
+    # official offset, the sink column and the diagonal J = I + n_k - n_q
+    rows, cols = xp.arange(nq)[:, None], xp.arange(nk)[None, :]
+    valid = ~(cols > rows + (nk - nq))
+    forced2 = xp.zeros((nq, nk), dtype=bool)
+    if p.force_sink:
+        forced2 = forced2 | (cols == 0)
+    if p.force_recent:
+        forced2 = forced2 | (cols == rows + (nk - nq))
     m_high = top_p_select(ph, float(p.high_threshold))
     m_low = top_p_select(pl, float(p.low_threshold))
     b_high, b_low = _band_boundary(ph, m_high, valid), _band_boundary(pl, m_low, valid)
-    forced = np.zeros((B, Hq, nq, nk), dtype=bool)
-    if p.force_sink:
-        forced[..., 0] = True
-    if p.force_recent:
-        rows = np.arange(nq)
-        diag = rows + (nk - nq)
-        ok = diag >= 0
-        forced[..., rows[ok], diag[ok]] = True
+    forced = xp.zeros((B, Hq, nq, nk), dtype=bool) | forced2
     mask = m_high | m_low | forced
-    union = np.maximum(_ratio(ph, b_high), _ratio(pl, b_low))
+    union = xp.maximum(_ratio(ph, b_high), _ratio(pl, b_low))
     return Selection(
         mask=BlockMask(mask, block_q=b, block_k=b, q_len=Sq, k_len=Sk),
         scores=BlockScores(union, block_q=b, block_k=b, q_len=Sq, k_len=Sk),
-        boundary=np.ones((B, Hq, nq)),
+        boundary=xp.ones((B, Hq, nq)),
         forced=forced,
         extras={"logits_high": zh, "logits_low": zl, "probs_high": ph, "probs_low": pl,
                 "scale_high": sh, "scale_low": sl, "mask_high": m_high, "mask_low": m_low,

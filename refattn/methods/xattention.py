@@ -27,6 +27,18 @@ Selection (``find_blocks_chunked(mode="prefill")``, spec §3d with the correctio
 conformance README §3): per query chunk of ``C / block_size`` block rows, the literal
 official algorithm, see :func:`find_blocks_chunked`; then the lower-triangular post-step
 of ``xattn_estimate`` and the slice to the real blocks of ``Xattention_prefill``.
+
+Device arrays (``device=True``): the selection is array-module generic. With CuPy q and k
+and ``backend="cupy"``, ``W`` comes from the CUDA scoring kernel and stays on the GPU; the
+sorts, cumulative sums and the scatter of :func:`find_blocks_chunked` run there (CuPy's
+sorts are stable, like the reference's), and the mask, scores, boundary and extras are CuPy
+arrays. The shape-derived masks (forced blocks, the ``tril`` post-step, causal legality)
+are built there too: the only host-to-device copy is the per-head tau (``[Hq]``). The
+arithmetic is the reference's, but CuPy's reductions and scans (``sum``, ``cumsum``) add in
+another order than NumPy's pairwise sum and sequential cumsum, so on the same ``W`` a block
+can differ only where a cumulative sum lies within a few float64 ulps of ``tau * row sum``
+(a near-tie, far below the scoring kernels' own rounding). Host inputs run exactly the
+NumPy code as before.
 """
 from __future__ import annotations
 
@@ -36,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.blockmask import BlockMask, legal_blocks, num_blocks
+from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
+from ..core.layout import array_module
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
@@ -171,6 +184,24 @@ define_op("xattention_score", xattention_score, outputs=("W",), kind="array")
 
 
 # ----------------------------------------------------------------------------- selection
+def _argsort_stable(x: Any) -> Any:
+    """Stable argsort along the last axis in ``x``'s array module (CuPy's sorts are always
+    stable and take no ``kind``)."""
+    if isinstance(x, np.ndarray):
+        return np.argsort(x, axis=-1, kind="stable")
+    return array_module(x).argsort(x, axis=-1)
+
+
+def _put_true(mask: Any, index: Any) -> None:
+    """``np.put_along_axis(mask, index, True, axis=-1)`` by fancy indexing, which NumPy and
+    CuPy both have (repeated indices write the same value)."""
+    xp = array_module(mask)
+    lead = mask.shape[:-1]
+    idx = tuple(xp.arange(d).reshape((1,) * a + (d,) + (1,) * (len(lead) - a))
+                for a, d in enumerate(lead))
+    mask[idx + (index,)] = True
+
+
 def find_blocks_chunked(W: np.ndarray, current_index: int, tau: np.ndarray,
                         causal: bool = True) -> np.ndarray:
     """The official ``find_blocks_chunked(mode="prefill", decoding=False)``, literally.
@@ -197,27 +228,33 @@ def find_blocks_chunked(W: np.ndarray, current_index: int, tau: np.ndarray,
 
     Non-causal: no forced blocks; blocks by ``W`` descending while the sum before is
     ``< req``. Finally, causal blocks past the chunk (``J >= ci + R``) are cleared.
+
+    Array-module generic: a CuPy ``W`` (``tau`` NumPy or CuPy) runs on the GPU and gives a
+    CuPy mask (see the module docstring for the summation order there).
     """
+    xp = array_module(W)
     B, H, R, N = W.shape
+    tau = xp.asarray(tau)
     req = W.sum(axis=-1, keepdims=True) * tau[None, :, None, None]
-    zero = np.zeros((B, H, R, 1))
+    zero = xp.zeros((B, H, R, 1))
     if causal:
-        forced = np.zeros((B, H, R, N), dtype=bool)
-        forced[..., 0] = True
-        forced[..., current_index:current_index + R] = np.eye(R, dtype=bool)
-        others = np.sort(np.where(forced, 0.0, W), axis=-1)[..., ::-1]
-        forced_sum = np.where(forced, W, 0.0).sum(axis=-1, keepdims=True)
-        sorted_values = np.concatenate([zero, forced_sum, others[..., :-2]], axis=-1)
-        key = np.where(forced, 100000.0 * (1.0 + W), W)
-        mask = forced.copy()
+        # [R, N], broadcast over B and H: column 0, then the slice [ci, ci + R) set to eye(R)
+        r, j = xp.arange(R)[:, None], xp.arange(N)[None, :]
+        eye_cols = (j >= current_index) & (j < current_index + R)
+        forced = xp.where(eye_cols, j - current_index == r, j == 0)
+        others = xp.sort(xp.where(forced, 0.0, W), axis=-1)[..., ::-1]
+        forced_sum = xp.where(forced, W, 0.0).sum(axis=-1, keepdims=True)
+        sorted_values = xp.concatenate([zero, forced_sum, others[..., :-2]], axis=-1)
+        key = xp.where(forced, 100000.0 * (1.0 + W), W)
+        mask = xp.zeros((B, H, R, N), dtype=bool) | forced
     else:
         key = W
-        sorted_values = np.sort(W, axis=-1)[..., ::-1]
-        mask = np.zeros((B, H, R, N), dtype=bool)
-    order = np.argsort(-key, axis=-1, kind="stable")
-    cum_before = np.cumsum(np.concatenate([zero, sorted_values[..., :-1]], axis=-1), axis=-1)
-    index = np.where(cum_before < req, order, 0)
-    np.put_along_axis(mask, index, True, axis=-1)
+        sorted_values = xp.sort(W, axis=-1)[..., ::-1]
+        mask = xp.zeros((B, H, R, N), dtype=bool)
+    order = _argsort_stable(-key)
+    cum_before = xp.cumsum(xp.concatenate([zero, sorted_values[..., :-1]], axis=-1), axis=-1)
+    index = xp.where(cum_before < req, order, 0)
+    _put_true(mask, index)
     if causal:
         mask[..., current_index + R:] = False
     return mask
@@ -226,17 +263,18 @@ def find_blocks_chunked(W: np.ndarray, current_index: int, tau: np.ndarray,
 def _boundary(W: np.ndarray, mask: np.ndarray, forced: np.ndarray) -> np.ndarray:
     """Per row, the smallest ``W`` among blocks kept by score (not forced): the block at
     which the cumulative sum crossed ``req``. ``nan`` where none was kept."""
+    xp = array_module(W)
     by_score = mask & ~forced
     with np.errstate(invalid="ignore"):
-        b = np.where(by_score, W, np.inf).min(axis=-1)
-    return np.where(by_score.any(axis=-1), b, np.nan)
+        b = xp.where(by_score, W, np.inf).min(axis=-1)
+    return xp.where(by_score.any(axis=-1), b, np.nan)
 
 
 @register_method(
     "xattention", XAttentionParams, kind="llm-prefill",
     summary="antidiagonal S x S tile scores, tile-causal softmax summed into 128-blocks; "
             "per-row cumulative threshold with sink + diagonal forced (official first-chunk rule)",
-    paper="arXiv:2503.16428", code=CODE)
+    paper="arXiv:2503.16428", code=CODE, device=True)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: XAttentionParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:
     """XAttention selection on canonical ``bhsd`` arrays (q ``[B,Hq,L,D]``, k ``[B,Hkv,L,D]``).
@@ -258,25 +296,36 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: XAttentio
     tau = head_thresholds(p.threshold, Hq)
     score = dispatch("xattention_score", backend, (q, k))
     (W,) = score(q, k, bs, int(p.stride), C, float(p.norm), bool(causal))
-    W = np.asarray(W.get() if hasattr(W, "get") else W, dtype=np.float64)  # host, float64
+    xp = array_module(W)            # device inputs (backend "cupy") stay on the device
+    W = np.asarray(W, dtype=np.float64) if xp is np else W.astype(np.float64, copy=False)
     nbp, n, R = W.shape[-1], num_blocks(L, bs), C // bs
+    tau_x = xp.asarray(tau)
     # xattn_estimate: one find_blocks_chunked call per query chunk (q_len == k_len, so the
     # chunk's first diagonal is at key block c*R), concatenated along rows.
-    chunks = np.concatenate([find_blocks_chunked(W[:, :, c * R:(c + 1) * R], c * R, tau, causal)
+    chunks = xp.concatenate([find_blocks_chunked(W[:, :, c * R:(c + 1) * R], c * R, tau_x,
+                                                 causal)
                              for c in range(nbp // R)], axis=2)
-    padded = chunks & np.tril(np.ones((nbp, nbp), dtype=bool)) if causal else chunks.copy()
+    if causal:                                     # xattn_estimate's tril post-step
+        t = xp.arange(nbp)
+        padded = chunks & (t[None, :] <= t[:, None])
+    else:
+        padded = chunks.copy()
     mask = padded[:, :, :n, :n]                    # Xattention_prefill's slice
     Wn = W[:, :, :n, :n]
-    legal = legal_blocks(L, L, bs, bs, causal)
+    # legal_blocks(L, L, bs, bs, causal), built where W lives: with q_len == k_len and one
+    # block size a block is causal-legal iff J <= I; forced: the sink column and the diagonal
+    j = xp.arange(n)
     if causal:
-        forced = np.broadcast_to((np.arange(n)[None, :] == 0) | np.eye(n, dtype=bool),
-                                 mask.shape) & legal
+        legal = j[None, :] <= j[:, None]
+        forced2 = ((j[None, :] == 0) | (j[None, :] == j[:, None])) & legal
     else:
-        forced = np.zeros(mask.shape, dtype=bool)
+        legal = xp.ones((n, n), dtype=bool)
+        forced2 = xp.zeros((n, n), dtype=bool)
+    forced = xp.zeros(mask.shape, dtype=bool) | forced2
     return Selection(
         mask=BlockMask(mask, block_q=bs, block_k=bs, q_len=L, k_len=L),
         scores=BlockScores(Wn, block_q=bs, block_k=bs, q_len=L, k_len=L),
         boundary=_boundary(Wn, mask & legal, forced),
-        forced=np.array(forced),
+        forced=forced,
         extras={"W_padded": W, "mask_padded": padded, "mask_chunks": chunks,
                 "chunk_size": C, "threshold": tau})
