@@ -20,6 +20,7 @@ from refattn.core import registry
 from refattn.core.blockmask import BlockMask, legal_blocks
 from refattn.data.synthetic import synthetic
 from refattn.methods import list_methods
+from refattn.testing import op_error_floor
 
 _WHY = registry.load_backend("cupy")
 pytestmark = [pytest.mark.gpu,
@@ -130,11 +131,13 @@ def test_select_then_attention_stays_on_device(method, dtype):
     # the same selection moved to the host gives the same attention
     out_h = refattn.attention(qd, kd, vd, mask=sel.to_host(), causal=True, backend="cupy")
     assert np.array_equal(out.get(), out_h.get())
-    if dtype == "float32":
+    if dtype == "float32" and rep.stats["mismatches"] == 0:
+        # the registry's rule for float32 attention kernels: the float64 reference, with the
+        # sqrt(K) * eps32 floor for a float32 sum of K terms in the kernel's own order
         want = refattn.attention(q, k, v, mask=ref, causal=True, backend="numpy")
-        if rep.stats["mismatches"] == 0:
-            r = compare_arrays(want, out.get(), "float32", name="out")
-            assert r.ok, r.summary()
+        floor = op_error_floor("attention_fwd", (q, k), "float32", want)
+        r = compare_arrays(want, out.get(), "float32", atol=floor, name="out")
+        assert r.ok, r.summary()
 
 
 # ------------------------------------ XAttention and Prism: extras on the device; PBS host-only
