@@ -5,8 +5,10 @@ For each LLM-prefill scoring op, at the method's default block geometry, on B = 
 ``--heads`` query and kv heads, S = ``--seq``, D = 128, float32 structured inputs
 (refattn.data.synthetic), one run measures:
 
-* the Numba kernel (median of ``--repeat`` interleaved calls, after a warm-up call);
-* its NumPy float64 reference (median of ``--ref-repeat`` calls);
+* the Numba kernel (median and min of ``--repeat`` interleaved rounds, after a warm-up
+  call);
+* its NumPy float64 reference (median and min of ``--ref-repeat`` calls, one in each of
+  the first rounds, interleaved with the kernels);
 * the Numba dense causal attention forward (``dispatch("attention_fwd", "numba")``) on the
   same q/k/v, interleaved with the kernels, so ratios compare work under the same load;
 * the first-call time of every kernel in a fresh process with an empty Numba cache
@@ -15,13 +17,16 @@ For each LLM-prefill scoring op, at the method's default block geometry, on B = 
 Targets (issue "Numba CPU kernels"): kernel >= 10x faster than its reference, and kernel
 <= 10% of the Numba dense forward.
 
+PBS-Attn has two rows: ``pbs_key_importance`` (the permutation's key weights) and
+``pbs_score`` (block probabilities on the permuted keys, block 128, segment 256).
+
 BSFA runs with ``causal=True``, as the method calls it in causal prefill (causally
 unreachable tiles are skipped); the row ``bsfa_score (non-causal)`` keeps the full
 ``QK^T`` tile max of the op's ``causal=False`` mode for comparison.
 
 Usage::
 
-    python scripts/bench_cpu_scoring.py            # S = 8192, 8 heads (a few minutes)
+    python scripts/bench_cpu_scoring.py            # S = 8192, 8 heads (4-8 minutes)
     python scripts/bench_cpu_scoring.py --quick    # S = 2048
 """
 from __future__ import annotations
@@ -60,6 +65,10 @@ def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
     from refattn.methods.xattention import default_chunk_size
 
     D, S, Hq, Hkv = q.shape[3], k.shape[2], q.shape[1], k.shape[1]
+    # PBS scores the keys of each query head after its within-segment permutation; the
+    # cost does not depend on the key order, so the unpermuted keys (repeated per query
+    # head under GQA) stand in for k_perm
+    kp = k if Hq == Hkv else np.ascontiguousarray(np.repeat(k, Hq // Hkv, axis=1))
     return {
         "moba_score": (q, k, 512),
         "xattention_score": (q, k, 128, 8, default_chunk_size(S), 1.0, True),
@@ -72,7 +81,30 @@ def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
         "nsa_score": (q, k, 32, 16, 64, True),
         "proxyattn_score": (q, k, 128, Hq // Hkv, 1, True),
         "proxyattn_budget_score": (q, k, 128, True),
+        "pbs_key_importance": (q, k, 128, 256),
+        "pbs_score": (q, kp, 128, 256),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> str:
+    """The 1-, 5- and 15-minute load averages (``/proc/loadavg``)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -115,7 +147,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--ref-repeat", type=int, default=1)
+    ap.add_argument("--ref-repeat", type=int, default=2,
+                    help="rounds (the first ones) that also time the references")
     ap.add_argument("--quick", action="store_true", help="S = 2048")
     ap.add_argument("--ops", default="",
                     help="comma-separated subset of ops (an op selects all its rows)")
@@ -127,14 +160,16 @@ def main() -> None:
     registry.load_backend("numba")
     import numba
 
-    print(f"# {platform.processor() or platform.machine()}, nproc {os.cpu_count()}, "
-          f"numba threads {numba.get_num_threads()}, numpy {np.__version__}, numba "
-          f"{numba.__version__}; B=1 H={H} S={S} D={D} float32; repeat {a.repeat} "
-          f"(ref {a.ref_repeat}); medians")
+    print(f"# {cpu_model()}, nproc {os.cpu_count()}, numba threads "
+          f"{numba.get_num_threads()}, "
+          f"numpy {np.__version__}, numba {numba.__version__}; B=1 H={H} S={S} D={D} "
+          f"float32; {a.repeat} interleaved rounds (references in the first {a.ref_repeat})")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, load average at start: {loadavg()}")
     q, k, v = synthetic(1, H, H, S, D, seed=0)
     args = op_args(q, k)
     names = [n for n in args if not a.ops or op_name(n) in a.ops.split(",")]
     kern = {n: registry.implementations(op_name(n))["numba"] for n in names}
+    refs = {n: registry.ops()[op_name(n)].reference for n in names}
     dense = registry.dispatch("attention_fwd", "numba")
     scale = 1.0 / np.sqrt(D)
     run_dense = lambda: dense(q, k, v, None, True, scale)  # noqa: E731
@@ -142,29 +177,32 @@ def main() -> None:
     run_dense()
     for n in names:
         kern[n](*args[n])
+    print(f"# threading layer {numba.threading_layer()}")
     times: dict[str, list[float]] = {n: [] for n in names + ["dense"]}
-    for _ in range(a.repeat):                  # interleaved: every case sees the same load
+    ref_t: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.repeat):                  # interleaved: every case sees the same load
         times["dense"].append(timed(run_dense))
         for n in names:
             times[n].append(timed(lambda n=n: kern[n](*args[n])))
-    ref_t = {}
-    for n in names:
-        op = registry.ops()[op_name(n)]
-        ref_t[n] = float(np.median([timed(lambda op=op, n=n: op.reference(*args[n]))
-                                    for _ in range(a.ref_repeat)]))
+        if r < a.ref_repeat:
+            for n in names:
+                ref_t[n].append(timed(lambda n=n: refs[n](*args[n])))
+    print(f"# load average at the end of the timed rounds: {loadavg()}")
     comp = {} if a.no_compile else compile_times()
-    td = float(np.median(times["dense"]))
-    print(f"\nNumba dense causal forward: {td:.3f} s (median of {a.repeat})\n")
-    print("| op | Numba (s) | reference (s) | speed-up vs reference | % of dense fwd | "
-          "first call, fresh cache (s) |")
+    td, td_min = float(np.median(times["dense"])), min(times["dense"])
+    print(f"\nNumba dense causal forward: {td:.3f} s median, {td_min:.3f} s min "
+          f"(of {a.repeat})\n")
+    print("| op | Numba median (min) (s) | reference median (min) (s) | speed-up vs reference "
+          "(medians) | % of dense fwd (medians) | first call, fresh cache (s) |")
     print("|---|---|---|---|---|---|")
     for n in names:
-        t = float(np.median(times[n]))
+        t, tr = float(np.median(times[n])), float(np.median(ref_t[n]))
         c = f"{comp[n]:.1f}" if n in comp else "-"
-        print(f"| {n} | {t:.4f} | {ref_t[n]:.3f} | {ref_t[n] / t:.1f}x | "
-              f"{100 * t / td:.1f}% | {c} |")
+        print(f"| {n} | {t:.4f} ({min(times[n]):.4f}) | {tr:.3f} ({min(ref_t[n]):.3f}) | "
+              f"{tr / t:.1f}x | {100 * t / td:.1f}% | {c} |")
     if comp:
         print(f"\n(backend import in the fresh process: {comp['import']:.1f} s)")
+    print(f"# load average at the end: {loadavg()}")
 
 
 if __name__ == "__main__":
