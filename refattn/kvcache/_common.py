@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.keepset import KeepSet
-from ..core.registry import define_op
+from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
 from ..reference.selection import rank_order
@@ -102,6 +102,12 @@ def topk_keep(scores: np.ndarray, k: int, *, valid: np.ndarray | None = None) ->
 # The eviction step as a registry op, so its kernels are checked by the registry suite
 # (cases in refattn/cases/kvcache.py; ``valid`` is keyword-only and not part of the cases).
 TOPK_KEEP = define_op("kvcache_topk_keep", topk_keep, outputs=("indices",), kind="exact")
+
+
+def keep_top(scores: np.ndarray, k: int, backend: str = "numpy") -> np.ndarray:
+    """:func:`topk_keep` through the registry (op ``kvcache_topk_keep``), so that a
+    method's ``backend`` reaches the eviction kernel; the same indices, in the same order."""
+    return np.asarray(dispatch(TOPK_KEEP.name, backend, (scores,))(scores, int(k)))
 
 def rope_cos_sin(positions: Any, dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """Rotate-half RoPE tables float64 ``[..., dim]`` for integer ``positions [...]``:

@@ -30,7 +30,7 @@ from ..core.layout import default_scale
 from ..core.registry import define_op, dispatch
 from ..core.scores import Selection
 from ..methods.base import check_choice, check_range, register_method
-from ._common import attention_probs, keepset_selection, repeat_kv, topk_keep, window_attention
+from ._common import attention_probs, keep_top, keepset_selection, repeat_kv, window_attention
 
 BASES = ("last_query", "h2o", "snapkv")
 
@@ -123,7 +123,7 @@ def select(
         if params.n_kept is not None
         else int(L * (1 - params.compression_ratio))
     )
-    keep = KeepSet(topk_keep(scores, n), q_len=q.shape[2], k_len=L, head_kind="q")
+    keep = KeepSet(keep_top(scores, n, backend), q_len=q.shape[2], k_len=L, head_kind="q")
     boundary = (
         np.take_along_axis(scores, keep.indices[..., n - 1 : n], axis=-1)[..., 0] if n else None
     )

@@ -44,10 +44,10 @@ from ._common import (
     apply_rope,
     attention_probs,
     group_mean,
+    keep_top,
     keepset_selection,
     repeat_kv,
     rope_cos_sin,
-    topk_keep,
     window_attention,
 )
 from .snapkv import pool1d
@@ -281,7 +281,8 @@ def press_keep(
     """``ScorerPress.compress``: ``topk(scores, n_kept)`` per kv head, in top-k order."""
     scores = press_score(q, k, v, params, backend=backend)
     n = params.kept_count(k.shape[2])
-    keep = KeepSet(topk_keep(scores, n), q_len=q.shape[2], k_len=k.shape[2], head_kind="kv")
+    keep = KeepSet(keep_top(scores, n, backend), q_len=q.shape[2], k_len=k.shape[2],
+                   head_kind="kv")
     return keep, scores
 
 

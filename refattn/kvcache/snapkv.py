@@ -34,7 +34,7 @@ from ..core.layout import default_scale
 from ..core.registry import define_op, dispatch
 from ..core.scores import Selection
 from ..methods.base import check_choice, check_range, register_method
-from ._common import group_mean, keepset_selection, topk_keep, window_attention
+from ._common import group_mean, keep_top, keepset_selection, window_attention
 
 POOLINGS = ("avgpool", "maxpool")
 HEAD_MODES = ("query", "kv")
@@ -128,7 +128,7 @@ def snapkv_keep(
     _, pooled = dispatch("snapkv_score", backend, (q, k))(
         q, k, W, int(params.kernel_size), params.pooling, params.head_mode
     )
-    top = topk_keep(pooled, int(params.max_capacity_prompt) - W)
+    top = keep_top(pooled, int(params.max_capacity_prompt) - W, backend)
     win = np.broadcast_to(np.arange(L - W, L), (B, H, W))
     return KeepSet(np.concatenate([top, win], axis=-1), q_len=L, k_len=L, head_kind=kind), pooled
 

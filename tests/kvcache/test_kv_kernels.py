@@ -196,3 +196,28 @@ def test_select_numba_keeps_same_tokens(qkv, monkeypatch, method, params, op):
     assert np.array_equal(np.isnan(sr), np.isnan(sg))
     tol = 1e-6 if op in ("snapkv_score", "kvpress_snapkv_score", "kvpress_tova_score") else 1e-12
     assert _rel(np.nan_to_num(sg), np.nan_to_num(sr)) < tol
+
+
+TOPK_SELECTS = [s for s in SELECTS if s[0] in ("snapkv", "caote", "kvpress")]
+
+
+@pytest.mark.parametrize("method,params,op", TOPK_SELECTS,
+                         ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(TOPK_SELECTS)])
+def test_select_numba_runs_the_eviction_kernel(qkv, monkeypatch, method, params, op):
+    """SnapKV, CAOTE and the kvpress presses evict through op ``kvcache_topk_keep``, so
+    backend="numba" reaches its kernel (and keeps the same tokens, checked above)."""
+    q, k, v = qkv
+    kernel = registry.implementations("kvcache_topk_keep")["numba"]
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return kernel(*args, **kw)
+
+    monkeypatch.setitem(registry._IMPLS, ("kvcache_topk_keep", "numba"), spy)
+    refattn.select(q, k, method, v=v, backend="numpy", **params)
+    assert not calls
+    got = refattn.select(q, k, method, v=v, backend="numba", **params)
+    assert calls, f"{method}: backend='numba' did not reach the top-k eviction kernel"
+    ref = refattn.select(q, k, method, v=v, backend="numpy", **params)
+    assert np.array_equal(ref.extras["keepset"].indices, got.extras["keepset"].indices)
