@@ -29,11 +29,9 @@ Usage: PYTHONPATH=. python3 scripts/bench_gpu_scoring.py [--seq 32768 131072] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import traceback
 from collections import defaultdict
@@ -41,6 +39,7 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy as cp  # noqa: E402
+from _gpu_bench import bf16_normal, log, switch, timeit  # noqa: E402  (scripts/_gpu_bench.py)
 
 from refattn.core.registry import dispatch, load_backend  # noqa: E402
 from refattn.methods import moba, prism, quest, xattention  # noqa: E402,F401  (define the ops)
@@ -60,58 +59,12 @@ TARGET_SHARE = {32768: 0.10, 131072: 0.05}
 RESULTS: list[dict] = []
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def timeit(fn, iters: int, warmup: int) -> float:
-    """Median ms of ``fn()`` by CUDA events (torch work synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    if torch is not None:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        if torch is not None:
-            torch.cuda.synchronize()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return statistics.median(times)
-
-
-def bf16_normal(shape):
-    """Gaussian bf16 on the device (fp32 rounded to nearest even)."""
-    import ml_dtypes
-    bits = cp.random.standard_normal(shape, dtype=cp.float32).view(cp.uint32)
-    bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
-    try:
-        return bf.view(ml_dtypes.bfloat16)
-    except Exception:  # CuPy without bf16 views: through the host
-        return cp.asarray(bf.get().view(ml_dtypes.bfloat16))
-
-
 def scoring_module():
     why = load_backend("cupy")
     if why is not None:
         raise SystemExit(f"cupy backend unavailable: {why}")
     from refattn.gpu import scoring
     return scoring
-
-
-@contextlib.contextmanager
-def switch(mod, name: str, value):
-    """Set module attribute ``name`` for the duration of the block."""
-    old = getattr(mod, name)
-    setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        setattr(mod, name, old)
 
 
 def breakdown(sc, fn) -> list[tuple[str, float, int]]:

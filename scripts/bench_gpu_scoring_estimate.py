@@ -27,13 +27,13 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy as cp  # noqa: E402
+from _gpu_bench import bf16_normal, log, timeit  # noqa: E402  (scripts/_gpu_bench.py)
 
 from refattn.core.blockmask import legal_blocks  # noqa: E402
 from refattn.core.registry import dispatch, load_backend  # noqa: E402
@@ -48,42 +48,6 @@ except Exception:  # pragma: no cover - depends on the machine
 OFFICIAL = {"flexprefill": (33.2, 33.4)}
 TARGET = {32768: 0.10, 131072: 0.05}
 RESULTS: list[dict] = []
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def timeit(fn, iters: int, warmup: int) -> float:
-    """Median ms of ``fn()`` by CUDA events (torch work synchronised around each call); as
-    scripts/bench_gpu_scoring.py."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    if torch is not None:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        if torch is not None:
-            torch.cuda.synchronize()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return statistics.median(times)
-
-
-def bf16_normal(shape):
-    """Gaussian bf16 on the device (fp32 rounded to nearest even); as bench_gpu_scoring.py."""
-    import ml_dtypes
-    bits = cp.random.standard_normal(shape, dtype=cp.float32).view(cp.uint32)
-    bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cp.uint16)
-    try:
-        return bf.view(ml_dtypes.bfloat16)
-    except Exception:  # CuPy without bf16 views: through the host
-        return cp.asarray(bf.get().view(ml_dtypes.bfloat16))
 
 
 def bsfa_flops(S: int, H: int, D: int, bq: int = 128, bk: int = 64) -> float:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import traceback
 
@@ -36,31 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
+from _gpu_bench import log, timeit  # noqa: E402  (scripts/_gpu_bench.py)
 
 from refattn.core import registry  # noqa: E402
 from refattn.reference import selection as ref  # noqa: E402
 
 RESULTS: list[dict] = []
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def timeit(fn, iters: int, warmup: int) -> float:
-    """Median ms of ``fn()`` by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    cp.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return statistics.median(times)
 
 
 def causal_block_rows(H: int, Kb: int) -> cp.ndarray:
@@ -92,7 +72,7 @@ def rec(what: str, shape: str, fn, args: argparse.Namespace, check_fn=None) -> N
     try:
         if check_fn is not None and args.check_rows > 0:
             check_fn()
-        ms = timeit(fn, args.iters, args.warmup)
+        ms = timeit(fn, args.iters, args.warmup, sync_torch=False)
     except Exception as e:
         log(f"  {what:44s} failed: {type(e).__name__}: {e}")
         traceback.print_exc()
