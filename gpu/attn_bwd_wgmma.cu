@@ -41,27 +41,8 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && \
-    (defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(__CUDA_ARCH_SPECIFIC__))
-#define REFATTN_SM90A 1
-#else
-#define REFATTN_SM90A 0
-#endif
-
 namespace refattn {
 namespace wg {
-
-// P (an m64 x NS fp32 accumulator fragment) -> NS / 16 A fragments of 16-bit values.
-template <typename T, int NS>
-__device__ __forceinline__ void acc_to_afrag_b(unsigned (*a)[4], const float* s) {
-#pragma unroll
-  for (int kk = 0; kk < NS / 16; ++kk) {
-    a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-  }
-}
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
@@ -327,8 +308,8 @@ __global__ void __launch_bounds__(384, 1) attn_bwd_wgmma(
         for (int e = 0; e < 4; ++e) dp[4 * j + e] = sc[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d2.y : d2.x));
       }
       unsigned aP[BM / 16][4], aS[BM / 16][4];
-      acc_to_afrag_b<T, BM>(aP, sc);
-      acc_to_afrag_b<T, BM>(aS, dp);
+      acc_to_afrag<T, BM>(aP, sc);
+      acc_to_afrag<T, BM>(aS, dp);
       // dS^T (16-bit) -> shared memory, [key][query], 128-byte swizzle
       {
         const int r = kw + warp * 16 + gr;

@@ -30,27 +30,8 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && \
-    (defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(__CUDA_ARCH_SPECIFIC__))
-#define REFATTN_SM90A 1
-#else
-#define REFATTN_SM90A 0
-#endif
-
 namespace refattn {
 namespace wg {
-
-// P (an m64 x NS fp32 accumulator fragment) -> NS / 16 A fragments of 16-bit values.
-template <typename T, int NS>
-__device__ __forceinline__ void acc_to_afrag_g(unsigned (*a)[4], const float* s) {
-#pragma unroll
-  for (int kk = 0; kk < NS / 16; ++kk) {
-    a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-    a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-    a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-    a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-  }
-}
 
 // Two adjacent values of a partial row: fp32 (8 bytes) or 16-bit (4 bytes).
 template <typename PT> __device__ __forceinline__ void store_pair(PT* p, float x, float y);
@@ -287,7 +268,7 @@ __global__ void __launch_bounds__(384, 1) attn_fwd_gather_wgmma(
 
       // ---- O = P V
       unsigned a[BN / 16][4];
-      acc_to_afrag_g<T, BN>(a, sc);
+      acc_to_afrag<T, BN>(a, sc);
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) reg_fence(o[i]);
 #pragma unroll

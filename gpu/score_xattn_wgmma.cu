@@ -32,13 +32,6 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && \
-    (defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(__CUDA_ARCH_SPECIFIC__))
-#define REFATTN_SM90A 1
-#else
-#define REFATTN_SM90A 0
-#endif
-
 // out[0] = 1 when this compile had the sm_90a feature set (wgmma), out[1] = __CUDA_ARCH__.
 __global__ void xatt_wgmma_feature_probe(int* out) {
 #if defined(__CUDA_ARCH__)

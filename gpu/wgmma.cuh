@@ -28,6 +28,15 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// REFATTN_SM90A: 1 when compiling device code for the arch-specific target sm_90a (wgmma,
+// TMA, setmaxnreg available), else 0; the *_wgmma.cu kernels compile to a trap without it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && \
+    (defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(__CUDA_ARCH_SPECIFIC__))
+#define REFATTN_SM90A 1
+#else
+#define REFATTN_SM90A 0
+#endif
+
 namespace refattn {
 namespace wg {
 
@@ -293,6 +302,19 @@ __device__ __forceinline__ void tma_load_5d(unsigned dst, const void* map, unsig
       "%3, %4, %5, %6}], [%7];\n" ::"r"(dst),
       "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
       : "memory");
+}
+
+// P (an m64 x NS fp32 accumulator fragment) -> NS / 16 A fragments of 16-bit values, the
+// register operand of an RS wgmma (pack2 from common.cuh, which every user includes first).
+template <typename T, int NS>
+__device__ __forceinline__ void acc_to_afrag(unsigned (*a)[4], const float* s) {
+#pragma unroll
+  for (int kk = 0; kk < NS / 16; ++kk) {
+    a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
 }
 
 }  // namespace wg
