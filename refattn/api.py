@@ -13,8 +13,10 @@ from .core.layout import (
     check_float,
     default_scale,
     from_bhsd,
+    is_device_array,
     normalize_qkv,
     to_bhsd,
+    to_host,
 )
 from .core.registry import dispatch, resolve_backend
 from .core.scores import Selection
@@ -142,8 +144,8 @@ def select(q: Any, k: Any, method: str, *, v: Any = None, layout: str = "bhsd",
     if on_gpu:
         backend = "cupy"
         if not info.device:      # this method's selection code runs on host arrays; its
-            q4, k4 = _host(q4), _host(k4)   # scoring kernels still run on the GPU
-            v4 = None if v4 is None else _host(v4)
+            q4, k4 = to_host(q4), to_host(k4)   # scoring kernels still run on the GPU
+            v4 = None if v4 is None else to_host(v4)
     if info.needs_v and v4 is None:
         raise InputError(f"method {method!r} needs v")
     sel = info.select(q4, k4, v4, p, causal=bool(causal), backend=backend)
@@ -156,12 +158,7 @@ def _wants_device(backend: str, arrays: tuple[Any, ...]) -> bool:
     """True for ``backend="cupy"``, and for ``"auto"`` with any GPU input."""
     if backend == "cupy":
         return True
-    return backend == "auto" and any(hasattr(a, "__cuda_array_interface__")
-                                     and not isinstance(a, np.ndarray) for a in arrays)
-
-
-def _host(x: Any) -> Any:
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else x
+    return backend == "auto" and any(is_device_array(a) for a in arrays)
 
 
 def methods(kind: str | None = None) -> dict[str, dict[str, Any]]:

@@ -6,28 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .errors import InputError
-
-
-def _is_device(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
-
-
-def _xp(x: Any) -> Any:
-    """The array module of ``x``: NumPy, or CuPy for device arrays."""
-    if _is_device(x):
-        import cupy  # only device masks need it
-
-        return cupy
-    return np
+from .layout import as_array
 
 
 def _as_bool4_device(mask: Any) -> Any:
     import cupy
 
-    m = cupy.asarray(mask)
+    m = as_array(mask, "mask")          # CuPy (by __cuda_array_interface__ or DLPack)
     if m.dtype != bool:
         if m.dtype.kind not in "biu":
             raise InputError(f"mask: expected a boolean array, got dtype {m.dtype}")

@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from ._device_mask import _as_bool4_device, _is_device, _ordered_device, _xp
+from ._device_mask import _as_bool4_device, _ordered_device
 from .errors import InputError
+from .layout import array_module as _xp
 from .layout import causal_offset
+from .layout import is_device_array as _is_device
 
 HEAD_KINDS = ("q", "kv")
 

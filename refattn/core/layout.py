@@ -52,6 +52,16 @@ def array_module(x: Any) -> Any:
     return np
 
 
+def to_host(x: Any) -> Any:
+    """``x`` copied to a NumPy array when it is a device array, else ``x`` itself (``None``,
+    scalars and host arrays pass through)."""
+    if is_device_array(x) and not isinstance(x, np.ndarray):
+        import cupy
+
+        return cupy.asnumpy(x)
+    return x
+
+
 def as_array(x: Any, name: str) -> Any:
     """Return ``x`` as a NumPy array (host inputs) or a CuPy array (device inputs).
 

@@ -8,14 +8,8 @@ import numpy as np
 
 from .blockmask import BlockMask, num_blocks
 from .errors import InputError
-
-
-def _on_device(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
-
-
-def _host(x: Any) -> Any:
-    return x.get() if _on_device(x) else x
+from .layout import is_device_array as _on_device
+from .layout import to_host as _host
 
 
 @dataclass(frozen=True, eq=False)

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.layout import is_device_array as _on_device
+from ..core.layout import to_host as _host
 from ..core.registry import dispatch, resolve_backend
 from . import selection as _ref
 
@@ -47,10 +49,6 @@ _OPS = {"rows": "selection_topk_rows", "global": "selection_topk_global",
 
 
 # ------------------------------------------------------------------------------ helpers
-def _on_device(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__")
-
-
 def _cupy() -> Any:
     import cupy  # only reached with GPU arrays or backend="cupy"
     return cupy
@@ -127,10 +125,6 @@ def _deliver(mask: Any, bound: Any, shape: tuple[int, ...], lead: tuple[int, ...
         cp = _cupy()
         mask, bound = cp.asnumpy(mask), cp.asnumpy(bound)
     return np.asarray(mask).reshape(shape), np.asarray(bound).reshape(lead)
-
-
-def _host(x: Any) -> Any:
-    return _cupy().asnumpy(x) if _on_device(x) else x
 
 
 def _run(op: str, chosen: str, s: Any, shape_in: tuple[int, ...], lead: tuple[int, ...],
