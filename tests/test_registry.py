@@ -10,6 +10,8 @@ that an unwritten NaN position still fails.
 from __future__ import annotations
 
 import importlib
+import os
+import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +19,12 @@ import pytest
 from refattn import testing
 from refattn.check import add_noise_atol, compare_arrays
 from refattn.core import registry
+
+
+def _case_seed(name: str, backend: str) -> int:
+    """Stable per (op, backend) seed: ``hash()`` of a str changes with PYTHONHASHSEED, which
+    made failures unreproducible. ``REFATTN_TEST_SEED`` shifts every seed (for sweeps)."""
+    return (zlib.crc32(f"{name}/{backend}".encode()) + int(os.environ.get("REFATTN_TEST_SEED", 0))) % 2**32
 
 
 def _kernel_params():
@@ -69,7 +77,7 @@ def test_kernel_matches_reference(name, backend):
     op = registry.ops()[name]
     assert testing.has_cases(name), f"op {name!r} has a {backend} kernel but no cases in refattn.testing"
     impl = registry.implementations(name)[backend]
-    rng = np.random.default_rng(abs(hash((name, backend))) % 2**32)
+    rng = np.random.default_rng(_case_seed(name, backend))
     failures = []
     n = 0
     for case in testing.op_cases(name, rng):

@@ -24,6 +24,7 @@ from numba import njit, prange
 from ..core.errors import InputError
 from ..core.registry import register
 from .flags import NJIT_HELPER_OPTIONS, NJIT_OPTIONS
+from .ieee import ieee_div
 from .numba_kvcache import SERIAL_WORK, _inputs, _write
 
 TOPK_OP = "kvcache_topk_keep"
@@ -44,8 +45,8 @@ def _caote_kernel(a: np.ndarray, v: np.ndarray, fast: bool, out: np.ndarray) -> 
         for n in range(N):
             tot += a[b, h, n]
         w = np.empty(N)
-        for n in range(N):
-            w[n] = a[b, h, n] / tot if tot > 0 else 0.0
+        for n in range(N):                  # correctly rounded: w >= 1 below decides +inf
+            w[n] = ieee_div(a[b, h, n], tot) if tot > 0 else 0.0
         o = np.zeros(Dv)
         for n in range(N):
             c = 1.0 / N if fast else w[n]
