@@ -69,9 +69,9 @@ TASKS_PER_THREAD = 4      # chunks per (batch, head) aim at this many tasks per 
 # shared 2-core machine (OpenMP layer; measured here), more than such calls take serially.
 SERIAL_WORK = 1 << 24
 SCISSORHANDS_ROWS = 400   # VATP scissorhands: the prefill score uses the last 400 rows
-# float64 stand-in for finfo(dtype).max given to VATP's sink tokens; must equal
+# float32 max, the official finfo(dtype).max of VATP's sink tokens; must equal
 # refattn.kvcache.h2o.SINK_SCORE (tests/kvcache/test_kv_kernels.py pins it).
-SINK_SCORE = np.finfo(np.float64).max / 4
+SINK_SCORE = float(np.finfo(np.float32).max)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -368,8 +368,8 @@ def vatp_score_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, mode: str = "s
                      out: tuple[np.ndarray] | None = None) -> np.ndarray:
     """VATP prefill scores ``[B, Hq, Sk]``: column sums of all rows (``mode="h2o"``) or of the
     last 400 rows / 400 (any other mode, as the reference), times ``||v_j||_1`` of the kv
-    head; ``[..., :sink_len]`` set to :data:`SINK_SCORE` (float64 max / 4, which is ``inf``
-    in a float32 ``out``)."""
+    head; ``[..., :sink_len]`` set to :data:`SINK_SCORE` (float32 max, exact in a
+    float32 ``out``)."""
     q64, k64 = _check_qk(q, k)
     v32 = _inputs(v, "v", 4)
     if v32.shape[:3] != k64.shape[:3]:

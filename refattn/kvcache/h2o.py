@@ -47,8 +47,10 @@ from ..methods.base import check_choice, check_range, register_method
 from ._common import attention_probs, keepset_selection, topk_keep
 
 VARIANTS = ("real_drop", "mask_sim", "single_forward")
-# float64 stand-in for the official ``finfo(dtype).max`` given to VATP's sink tokens
-SINK_SCORE = np.finfo(np.float64).max / 4
+# The official ``finfo(dtype).max`` given to VATP's sink tokens, taken at float32 (the dtype of
+# the official runs in ../shared/conformance): exact in a float32 output (float64 max
+# overflowed to inf there) and far above any attention score.
+SINK_SCORE = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)

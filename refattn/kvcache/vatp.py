@@ -18,8 +18,8 @@ or ``heavy = 2 int(r L0) - 10``, ``recent = 10`` (``scissorhands``, the default 
 Official quirks kept: the next-step mask is stored without ``.clone()``, so one more recent
 token than H2O stays visible (``recent + 1``); the scissorhands prefill divides by 400 even
 with fewer rows; the first two layers are not excluded (that code is commented out).
-The sink score is the float64 maximum / 4 here (official: ``finfo(dtype).max``; both rank
-first). GQA: ``||v||_1`` of the kv head is used by each query head of its group.
+The sink score is the float32 maximum (official: ``finfo(dtype).max``, float32 in the
+conformance runs; both rank first). GQA: ``||v||_1`` of the kv head is used by each query head of its group.
 """
 
 from __future__ import annotations
