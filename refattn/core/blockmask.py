@@ -27,125 +27,29 @@ from typing import Any
 
 import numpy as np
 
-from ._device_mask import _as_bool4_device, _ordered_device
+# The free functions live in ``_blockmask_index`` (block geometry, array intake, index forms,
+# host converters) and ``_prepare_mask``; they are re-exported here, so
+# ``from refattn.core.blockmask import ...`` keeps working for every name.
+from ._blockmask_index import (  # noqa: F401  (re-exported)
+    _as_bool4,
+    _block_bounds,
+    _bsr_form,
+    _flex_form,
+    _ordered,
+    _token_mask,
+    check_index_form,
+    full_blocks,
+    legal_blocks,
+    num_blocks,
+)
+from ._device_mask import _as_bool4_device, _ordered_device  # noqa: F401  (re-exported)
+from ._prepare_mask import prepare_mask  # noqa: F401  (re-exported)
 from .errors import InputError
 from .layout import array_module as _xp
-from .layout import causal_offset
+from .layout import causal_offset  # noqa: F401  (re-exported)
 from .layout import is_device_array as _is_device
 
 HEAD_KINDS = ("q", "kv")
-
-
-def num_blocks(length: int, block: int) -> int:
-    """``ceil(length / block)``."""
-    return -(-int(length) // int(block))
-
-
-def _block_bounds(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last (inclusive) token index of every block, ``[nb]`` each."""
-    n = num_blocks(length, block)
-    start = np.arange(n, dtype=np.int64) * block
-    stop = np.minimum(start + block, length) - 1
-    return start, stop
-
-
-def legal_blocks(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool) -> np.ndarray:
-    """Blocks that hold at least one visible (query, key) pair: bool ``[Qb, Kb]``.
-
-    Causal is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + k_len - q_len``.
-    Without causality every block is legal.
-    """
-    qs, qe = _block_bounds(q_len, block_q)
-    ks, _ = _block_bounds(k_len, block_k)
-    if not causal:
-        return np.ones((qs.size, ks.size), dtype=bool)
-    off = causal_offset(q_len, k_len)
-    return ks[None, :] <= (qe[:, None] + off)
-
-
-def full_blocks(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool) -> np.ndarray:
-    """Blocks that no token-level mask cuts: bool ``[Qb, Kb]``.
-
-    A block is *full* when it has ``block_q x block_k`` tokens (not a ragged last block) and,
-    under causality, every key of it is visible to every query of it. Other legal blocks are
-    *partial* (FlexAttention applies ``mask_mod`` only to partial blocks).
-    """
-    qs, qe = _block_bounds(q_len, block_q)
-    ks, ke = _block_bounds(k_len, block_k)
-    whole = ((qe - qs + 1) == block_q)[:, None] & ((ke - ks + 1) == block_k)[None, :]
-    if not causal:
-        return whole
-    off = causal_offset(q_len, k_len)
-    return whole & (ke[None, :] <= qs[:, None] + off)
-
-
-def _as_bool4(mask: Any) -> np.ndarray:
-    if _is_device(mask):
-        return _as_bool4_device(mask)
-    m = np.asarray(mask)
-    if m.dtype != bool:
-        if m.dtype.kind in "iu" and m.size and not np.isin(m, (0, 1)).all():
-            raise InputError(f"mask: expected booleans (or 0/1), got values {np.unique(m)[:5]}")
-        if m.dtype.kind not in "biu":
-            raise InputError(f"mask: expected a boolean array, got dtype {m.dtype}")
-        m = m.astype(bool)
-    if not 2 <= m.ndim <= 4:
-        raise InputError(f"mask: expected [Qb, Kb], [H, Qb, Kb] or [B, H, Qb, Kb], "
-                         f"got shape {m.shape}")
-    while m.ndim < 4:
-        m = m[None]
-    return np.ascontiguousarray(m)
-
-
-def _ordered(dense: np.ndarray, fill: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise ordered index form of a boolean ``[..., n]`` array.
-
-    ``fill="canonical"``: slots past the count are -1. ``fill="flex"``: they hold the
-    unselected indices, ascending (a stable descending argsort of the mask).
-    Device arrays give device results (the same values).
-    """
-    if _is_device(dense):
-        return _ordered_device(dense, fill)
-    counts = dense.sum(axis=-1, dtype=np.int32)
-    order = np.argsort(~dense, axis=-1, kind="stable").astype(np.int32)
-    if fill == "canonical":
-        slot = np.arange(dense.shape[-1], dtype=np.int32)
-        order = np.where(slot < counts[..., None], order, np.int32(-1))
-    return counts, order
-
-
-def check_index_form(kv_num_blocks: Any, kv_indices: Any, num_k_blocks: int,
-                     *, canonical: bool = True) -> None:
-    """Validate an index form; raise :class:`InputError` naming the first problem.
-
-    ``canonical=True`` also requires ascending indices and ``-1`` past every count.
-    """
-    num = np.asarray(kv_num_blocks)
-    idx = np.asarray(kv_indices)
-    if num.dtype.kind not in "iu" or idx.dtype.kind not in "iu":
-        raise InputError(f"index form: expected integer arrays, got {num.dtype} and {idx.dtype}")
-    if idx.shape[:-1] != num.shape:
-        raise InputError(f"kv_indices: leading shape {idx.shape[:-1]} does not match "
-                         f"kv_num_blocks {num.shape}")
-    if num.size and (num.min() < 0 or num.max() > min(num_k_blocks, idx.shape[-1])):
-        raise InputError(f"kv_num_blocks: counts must lie in [0, {min(num_k_blocks, idx.shape[-1])}], "
-                         f"got range [{num.min()}, {num.max()}]")
-    slot = np.arange(idx.shape[-1])
-    live = slot < num[..., None]
-    vals = np.where(live, idx, 0)
-    if live.any() and (vals[live].min() < 0 or vals[live].max() >= num_k_blocks):
-        raise InputError(f"kv_indices: selected block indices must lie in [0, {num_k_blocks}), "
-                         f"got range [{vals[live].min()}, {vals[live].max()}]")
-    srt = np.sort(np.where(live, idx.astype(np.int64), np.int64(np.iinfo(np.int64).max)), axis=-1)
-    dup = (srt[..., 1:] == srt[..., :-1]) & (slot[1:] < num[..., None])
-    if dup.any():
-        pos = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
-        raise InputError(f"kv_indices: a block index repeats within row {pos}")
-    if canonical:
-        if (np.diff(vals, axis=-1)[live[..., 1:]] <= 0).any():
-            raise InputError("kv_indices: canonical form needs ascending indices within each row")
-        if (idx[~live] != -1).any():
-            raise InputError("kv_indices: canonical form needs -1 in every slot past the count")
 
 
 class BlockMask:
@@ -312,48 +216,27 @@ class BlockMask:
         """
         if self.on_device:
             return self.to_host().to_flex(causal=causal)
-        out: dict[str, Any] = {"BLOCK_SIZE": (self.block_q, self.block_k),
-                               "seq_lengths": (self.q_len, self.k_len)}
         if causal is None:
             part, full = self.mask, None
         else:
             p, f = self.split_full(causal)
             part, full = p.mask, f.mask
-        out["kv_num_blocks"], out["kv_indices"] = _ordered(part, "flex")
-        out["q_num_blocks"], out["q_indices"] = _ordered(np.swapaxes(part, -1, -2), "flex")
-        if full is not None:
-            out["full_kv_num_blocks"], out["full_kv_indices"] = _ordered(full, "flex")
-            out["full_q_num_blocks"], out["full_q_indices"] = _ordered(
-                np.swapaxes(full, -1, -2), "flex")
-        return out
+        return {"BLOCK_SIZE": (self.block_q, self.block_k),
+                "seq_lengths": (self.q_len, self.k_len), **_flex_form(part, full)}
 
     def to_bsr(self) -> tuple[np.ndarray, np.ndarray]:
         """Block-CSR per (b, h): ``indptr int32 [B,H,Qb+1]`` and ``indices int32 [B,H,nnz_max]``
         (ascending per row, rows concatenated; ``-1`` past each head's nnz)."""
         if self.on_device:
             return self.to_host().to_bsr()
-        counts = self.mask.sum(-1, dtype=np.int32)
-        indptr = np.zeros(counts.shape[:2] + (counts.shape[2] + 1,), dtype=np.int32)
-        np.cumsum(counts, axis=-1, out=indptr[..., 1:])
-        nnz = indptr[..., -1]
-        width = int(nnz.max()) if nnz.size else 0
-        indices = np.full(counts.shape[:2] + (width,), -1, dtype=np.int32)
-        for b in range(counts.shape[0]):
-            for h in range(counts.shape[1]):
-                indices[b, h, : nnz[b, h]] = np.nonzero(self.mask[b, h])[1]
-        return indptr, indices
+        return _bsr_form(self.mask)
 
     def to_token_mask(self, causal: bool = False) -> np.ndarray:
         """Token-level mask bool ``[B, H, q_len, k_len]`` (causal bottom-right when asked).
         Always a NumPy array."""
         if self.on_device:
             return self.to_host().to_token_mask(causal)
-        t = np.repeat(np.repeat(self.mask, self.block_q, axis=2)[:, :, : self.q_len],
-                      self.block_k, axis=3)[:, :, :, : self.k_len]
-        if causal:
-            off = causal_offset(self.q_len, self.k_len)
-            t = t & (np.arange(self.k_len)[None, :] <= np.arange(self.q_len)[:, None] + off)
-        return t
+        return _token_mask(self.mask, self.block_q, self.block_k, self.q_len, self.k_len, causal)
 
     def token_rows(self, b: int, h0: int, h1: int, r0: int, r1: int) -> np.ndarray:
         """Token-level rows ``[r0, r1)`` of heads ``[h0, h1)`` of batch ``b``: bool
@@ -437,33 +320,3 @@ class BlockMask:
         num, idx = self.to_indices()
         check_index_form(num, idx, kb, canonical=True)
         return self
-
-
-def prepare_mask(mask: Any, shape: Any) -> Any:
-    """Validate a mask against the problem and expand a ``"kv"`` BlockMask to query heads.
-
-    Accepts ``None``, a :class:`BlockMask`, or any object with ``q_len``, ``k_len``,
-    ``batch_heads() -> (B, H)`` optional, and ``token_rows(b, h0, h1, r0, r1)``.
-    """
-    if mask is None:
-        return None
-    if not hasattr(mask, "token_rows"):
-        raise InputError(f"mask: expected a BlockMask (or token-mask object), got {type(mask).__name__}")
-    if (mask.q_len, mask.k_len) != (shape.q_len, shape.k_len):
-        raise InputError(f"mask: built for (q_len, k_len) = ({mask.q_len}, {mask.k_len}) but the "
-                         f"inputs have ({shape.q_len}, {shape.k_len})")
-    if isinstance(mask, BlockMask):
-        if mask.head_kind == "kv" and mask.shape[1] not in (1, shape.kv_heads):
-            raise InputError(f"mask: {mask.shape[1]} kv-head masks for {shape.kv_heads} kv heads")
-        mask = mask.expand_heads(shape.q_heads)
-        B, H = mask.shape[:2]
-        if B not in (1, shape.batch):
-            raise InputError(f"mask: batch {B} does not match the inputs' {shape.batch}")
-        if H not in (1, shape.q_heads):
-            raise InputError(f"mask: {H} head masks do not match {shape.q_heads} query heads")
-    elif hasattr(mask, "batch_heads"):
-        B, H = mask.batch_heads()
-        if B not in (1, shape.batch) or H not in (1, shape.q_heads):
-            raise InputError(f"mask: token mask for (B, H) = ({B}, {H}) does not match the "
-                             f"inputs' ({shape.batch}, {shape.q_heads})")
-    return mask
