@@ -6,8 +6,9 @@ Random, structured (sink, diagonal, stripes; ``refattn.testing.structured_qkv``)
 adversarial inputs (one dominant key, tied keys, a single token, rows that see no key when
 ``Sq > Sk``), with GQA, odd lengths, bf16/fp16 inputs, the smallest and largest windows the
 ops allow (``W = 1``, ``W = L - 1``; a window as long as the prompt is refused by the
-references), odd and even pooling sizes. Half the VATP cases give ``sink_len = 4``: the sink
-score (float32 max) is exact in the float32 outputs the registry suite preallocates.
+references), odd and even pooling sizes. VATP cases use ``sink_len = 0``: the registry's
+tolerance scales with ``max|ref|``, which the sink score (float32 max) would make vacuous;
+``tests/kvcache/test_kv_kernels.py`` checks the sinks exactly and the other tokens apart.
 """
 from __future__ import annotations
 
@@ -72,8 +73,7 @@ def _cases_observed(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
 def _cases_vatp(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     for i, (label, q, k, v, dt) in enumerate(_prefill(rng)):
         mode = ("h2o", "scissorhands")[i % 2]
-        sink = (0, 4)[(i // 2) % 2]           # sinks (float32 max) on every other pair
-        yield {"label": f"{label}-{mode}-sink{sink}", "args": (q, k, v, mode, sink), "dtype": dt}
+        yield {"label": f"{label}-{mode}", "args": (q, k, v, mode, 0), "dtype": dt}
     # longer than the scissorhands window (last 400 rows), GQA, both modes
     q, k, v = structured_qkv(rng, 1, 4, 2, 433, 433, 32)
     for mode in ("h2o", "scissorhands"):

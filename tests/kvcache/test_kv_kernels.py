@@ -88,6 +88,9 @@ def test_vatp_sinks_exact(qkv):
         assert np.array_equal(got[..., :n], want[..., :n])          # SINK_SCORE itself
         if n < k.shape[2]:
             assert _rel(got[..., n:], want[..., n:]) < 1e-12
+        out32 = (np.empty(want.shape, np.float32),)                 # float32 out: still finite
+        got32 = nk.vatp_score_numba(q, k, v, mode, sink, out=out32)
+        assert (got32[..., :n] == np.float32(h2o.SINK_SCORE)).all() and np.isfinite(got32).all()
 
 
 def test_caote_float64():
