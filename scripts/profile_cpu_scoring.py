@@ -7,7 +7,8 @@ For every scoring op of ``scripts/bench_cpu_scoring.py`` (same inputs, same geom
 
 (a) ``kernel``:  the Numba kernel (``registry.implementations(op)["numba"]``);
 (b) ``floor32``: the kernel's floor: the float32 matrix products that the kernel itself
-    must do, with the kernel's own shapes, task order and regime (``np.dot`` = sgemm on the
+    must do (float64 for the two ProxyAttn ops, whose kernels multiply in float64), with
+    the kernel's own shapes, task order and regime (``np.dot`` = sgemm, or dgemm, on the
     real q/k tiles, one per ``prange`` task, OpenBLAS pinned to one thread per task by
     ``single_threaded_blas``), plus the memory traffic no kernel can avoid: one streaming
     read of every input byte the products do not already read (a 2-thread Numba sum), and
@@ -54,11 +55,14 @@ Floor model per op (B = 1, Hq = Hkv = H; ``T_x`` = the products, ``R`` = streame
   nmax]`` with the compressed keys up to the tile's last complete one; R: k (compression);
   W: ``p_slc [H, S, S/64]`` and ``p_cmp [H, S, Nc]`` (166 MB). Reference: ``[R, D] @ [D,
   Nc]`` per row chunk, every compressed key.
-* ``proxyattn_score`` (block 128, group 1, stride 1, causal): T: per head and query block
-  ``[128, D] x [D, kend]`` up to the block's diagonal (the causal half of ``QK^T``);
-  W: ``[H, Qb, Kb]``. Reference: ``[128, D] @ [D, S]`` per query block (the whole row).
-* ``proxyattn_budget_score``: products ``Qb x Kb x D`` per head (negligible); R: q and k
-  (block means). Reference: the same small product in float64.
+* ``proxyattn_score`` (block 128, group 1, stride 1, causal): the proxy map is
+  ``(S/s) x (S/s)`` dot products per group (``s`` the stride), the causal half of them.
+  T: **float64** (the kernel's products are dgemm), per head and query block
+  ``[128, D] x [D, kend]`` in chunks of 512 keys up to the block's diagonal; W:
+  ``[H, Qb, Kb]``. Reference: the whole ``[S, D] @ [D, S]`` per head (it masks afterwards).
+* ``proxyattn_budget_score`` (block 128): ``|L| x S`` dot products per head, ``L`` the last
+  query block. T: **float64**, per head ``[|L|, D] x [D, S]`` in chunks of 512 keys; W:
+  ``[H, Kb]``. Reference: the same product in float64.
 * ``pbs_key_importance`` (block 128, segment 256): T: per head ``[128, D] x [D, S]``;
   W: ``[H, S]``. Reference: the same product in float64.
 * ``pbs_score``: products ``n x n x D`` per head (negligible); R: q and k_perm (block
@@ -148,8 +152,9 @@ def _stream_write(y: np.ndarray, v: float) -> None:
 class Plan:
     """One op's floor model.
 
-    * ``k_gemm``: (A, B, tasks) groups for :func:`_gemm_tasks` (float32, the kernel's
-      shapes); ``k_logits``: the logits the kernel's epilogue touches.
+    * ``k_gemm``: (A, B, tasks) groups for :func:`_gemm_tasks` (the kernel's shapes and
+      dtype: float32, float64 for ProxyAttn); ``k_logits``: the logits the kernel's
+      epilogue touches.
     * ``r_gemm``: (A, B) float64 contiguous 2-d pairs: ``A @ B.T``, the reference's products.
     * ``reads``: float32 arrays streamed once (inputs the products do not read);
       ``writes``: output element count (float32 in the kernel floor, float64 in the
@@ -222,11 +227,12 @@ class Planner:
         return Plan([], 0, rg, [self.q, self.k], 4 * H * n * n + 2 * H)
 
     def _proxyattn_budget_score(self, q, k, bs, causal) -> Plan:
-        H, S, D = self.H, self.S, self.D
+        H, S = self.H, self.S
         n = num_blocks(S, bs)
-        rng = np.random.default_rng(0)
-        rg = [(rng.standard_normal((n, D)), rng.standard_normal((n, D))) for _ in range(H)]
-        return Plan([], 0, rg, [self.q, self.k], H * n * n)
+        r0 = (n - 1) * bs                            # the last query block: rows r0 .. S-1
+        rows = [(h, r0, S - r0, 0, S, min(S, 512)) for h in range(H)]
+        rg = [(self.q64[h, r0:], self.k64[h]) for h in range(H)]
+        return Plan([(self.q64, self.k64, _tasks(rows))], H * (S - r0) * S, rg, [], H * n)
 
     def _pbs_score(self, q, kp, bs, seg) -> Plan:
         H, S, D = self.H, self.S, self.D
@@ -379,11 +385,10 @@ class Planner:
             for I in range(qb):
                 start, stop = I * bs, min(S, (I + 1) * bs)
                 kn = min(S, stop) if causal else S
-                rows.append((c, start, stop - start, 0, kn, kn))
+                rows.append((c, start, stop - start, 0, kn, min(kn, 512)))
                 logits += (stop - start) * kn
-        rg = [(self.q64[c, I * bs:min(S, (I + 1) * bs)], self.k64[c]) for c in range(H)
-              for I in range(qb)]
-        return Plan([(self.q, self.k, _tasks(rows))], logits, rg, [], H * qb * kb)
+        rg = [(self.q64[c], self.k64[c]) for c in range(H)]
+        return Plan([(self.q64, self.k64, _tasks(rows))], logits, rg, [], H * qb * kb)
 
 
 # ---------------------------------------------------------------------------- the floors

@@ -50,7 +50,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "flexprefill": ("llm", dict(block_size=64)),
     "quest": ("llm", dict(page_size=16, token_budget=128)),
     "nsa": ("llm", dict(topk=4)),
-    "proxyattn": ("llm", dict(block_size=64, gamma=0.9)),
+    "proxyattn": ("llm", dict(block_size=64, gamma=0.9, min_budget=1)),
     "pbs": ("llm", dict(block_size=32, segment_size=128, tau=0.8)),
     # video: grid (6, 8, 8), Hq = 2, Hkv = 1, D = 32, non-causal
     "adaspa": ("video", dict(block_size=32)),

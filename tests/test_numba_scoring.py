@@ -3,7 +3,8 @@ reference after each method's selection step, on structured synthetic inputs and
 Q/K slices (``../shared/data``, skipped where absent); plus the error paths of the kernels.
 
 Exactness of the scoring outputs themselves is tests/test_registry.py's job (cases in
-refattn/cases/llm_scoring.py, outputs poisoned with NaN)."""
+refattn/cases/llm_scoring.py, outputs poisoned with NaN), except for ProxyAttn's two
+kernels on inputs larger than those cases (several row tiles and key chunks)."""
 from __future__ import annotations
 
 import os
@@ -126,3 +127,58 @@ def test_outputs_default_to_float32_and_out_is_checked():
     xatt = registry.implementations("xattention_score")["numba"]
     with pytest.raises(InputError, match="equal"):
         xatt(q, k[:, :, :90], 32, 8, 64, 1.0, True)
+
+
+@pytest.mark.parametrize("Sq,Sk,bs,gs,stride,causal", [
+    (1100, 1100, 32, 2, 1, True),     # several row tiles and key chunks (512 keys each)
+    (700, 1500, 64, 4, 3, True),      # Sq < Sk, stride not dividing the block
+    (1300, 600, 16, 2, 2, True),      # Sq > Sk: leading rows see no key
+    (900, 900, 100, 4, 4, False)])
+def test_proxyattn_kernels_match_reference_in_float64(Sq, Sk, bs, gs, stride, causal):
+    """ProxyAttn's two ops (strided proxy max map, last-block budget mass): output shapes,
+    float32 by default, and with a float64 ``out=`` the reference to float64 rounding, on
+    inputs large enough for several row tiles and key chunks (the registry cases fit in
+    one chunk)."""
+    from refattn.methods.proxyattn import proxyattn_budget_scores, proxyattn_proxy_scores
+
+    rng = np.random.default_rng(Sq + Sk)
+    q = (2 * rng.standard_normal((1, 4, Sq, 32))).astype(np.float32)
+    k = (2 * rng.standard_normal((1, 2, Sk, 32))).astype(np.float32)
+    proxy = registry.implementations("proxyattn_score")["numba"]
+    budget = registry.implementations("proxyattn_budget_score")["numba"]
+    qb, kb = -(-Sq // bs), -(-Sk // bs)
+    (S32,) = proxy(q, k, bs, gs, stride, causal)
+    (a32,) = budget(q, k, bs, causal)
+    assert S32.dtype == np.float32 and S32.shape == (1, 4 // gs, qb, kb)
+    assert a32.dtype == np.float32 and a32.shape == (1, 4, kb)
+    (S,) = proxyattn_proxy_scores(q, k, bs, gs, stride, causal)
+    (a,) = proxyattn_budget_scores(q, k, bs, causal)
+    (S64,) = proxy(q, k, bs, gs, stride, causal, out=(np.full(S.shape, np.nan),))
+    (a64,) = budget(q, k, bs, causal, out=(np.full(a.shape, np.nan),))
+    np.testing.assert_allclose(S64, S, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(a64, a, rtol=1e-11, atol=1e-16)
+    np.testing.assert_allclose(S32, S, rtol=1e-6, atol=1e-7)
+    # each row of the last query block sees a key here, so its token softmax sums to 1:
+    # the true-length block means, times the block lengths, sum to 1 per head
+    cnt = np.minimum(bs, Sk - np.arange(kb) * bs)
+    np.testing.assert_allclose((a64 * cnt).sum(axis=-1), 1.0, rtol=1e-12)
+    # the diagonal tile of a causal Sq == Sk map holds row 0 / key 0 of block 0: P = 1
+    if causal and Sq == Sk:
+        np.testing.assert_allclose(S64[:, :, 0, 0], 1.0, rtol=1e-12)
+
+
+def test_proxyattn_kernel_errors_and_empty_queries():
+    q, k, _ = synthetic(1, 4, 2, 100, 32, seed=2)
+    proxy = registry.implementations("proxyattn_score")["numba"]
+    budget = registry.implementations("proxyattn_budget_score")["numba"]
+    for gs in (1, 3, 8):                  # not a multiple of the GQA group (2) dividing Hq
+        with pytest.raises(InputError, match="group_size"):
+            proxy(q, k, 32, gs, 1, True)
+    with pytest.raises(InputError, match="stride"):
+        proxy(q, k, 32, 2, 0, True)
+    with pytest.raises(InputError, match="block_size"):
+        budget(q, k, 0, True)
+    with pytest.raises(InputError, match="out"):
+        budget(q, k, 32, True, out=(np.empty((1, 4, 4, 4), np.float32),))   # the old shape
+    (a,) = budget(q[:, :, :0], k, 32, True, out=(np.full((1, 4, 4), np.nan, np.float32),))
+    assert (a == 0).all()

@@ -46,7 +46,7 @@ METHODS: dict[str, tuple[dict, bool]] = {
     "flexprefill": (dict(block_size=64), True),
     "quest": (dict(page_size=16, token_budget=256), True),
     "nsa": (dict(topk=6), True),
-    "proxyattn": (dict(block_size=64, gamma=0.9), True),
+    "proxyattn": (dict(block_size=64, gamma=0.9, min_budget=1), True),
     "adaspa": (dict(block_size=64, sparsity=0.8), False),
     "pisa": (dict(block_size=64, density=0.2), False),
 }

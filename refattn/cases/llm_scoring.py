@@ -135,9 +135,11 @@ def proxyattn_score_cases(rng: np.random.Generator) -> Case:
     for label, kind, (B, Hq, Hkv, Sq, Sk, D), rest in [
             ("gqa_group2", "structured", (1, 4, 2, 300, 300, 64), (64, 2, 1, True)),
             ("stride4_all_heads", "structured", (1, 4, 2, 200, 200, 32), (32, 4, 4, True)),
-            ("sq_lt_sk", "random", (1, 2, 1, 70, 150, 32), (32, 1, 3, True)),
+            ("sq_lt_sk", "random", (1, 2, 1, 70, 150, 32), (32, 2, 3, True)),
             ("sq_gt_sk", "random", (1, 2, 1, 150, 70, 32), (32, 2, 1, True)),
-            ("non_causal", "structured", (2, 2, 2, 96, 96, 16), (32, 1, 2, False))]:
+            ("non_causal", "structured", (2, 2, 2, 96, 96, 16), (32, 1, 2, False)),
+            ("stride_not_dividing", "structured", (1, 2, 2, 171, 171, 32), (32, 1, 5, True)),
+            ("stride_over_block", "random", (1, 4, 1, 90, 120, 16), (16, 4, 24, True))]:
         q, k = _qk(rng, kind, B, Hq, Hkv, Sq, Sk, D)
         yield {"label": label, "args": (q, k) + rest, "dtype": "float32"}
 

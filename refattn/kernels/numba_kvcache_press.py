@@ -37,8 +37,9 @@ from numba import njit, prange
 from ..core.errors import InputError
 from ..core.registry import register
 from ._blas import single_threaded_blas
+from .fastexp import exp_f64
 from .flags import NJIT_OPTIONS
-from .numba_kvcache import _inputs, _pad_max, _write, exp_f64
+from .numba_kvcache import _inputs, _pad_max, _write
 
 ROWS = 256               # token rows per prange task of the row-wise kernels
 NORM_EPS = 1e-12         # F.normalize eps (keydiff anchor)

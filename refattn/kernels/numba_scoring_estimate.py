@@ -1,11 +1,12 @@
 """Numba kernels of the softmax-estimate scoring ops: ``minference_score``,
-``flexprefill_score``, ``nsa_score``, ``proxyattn_score``.
+``flexprefill_score``, ``nsa_score`` (ProxyAttn's are in ``numba_scoring_proxy``).
 
 Each estimates attention probabilities from a subset of queries (the last rows,
 sampled rows, or compressed keys): logits by ``np.dot`` on float32 tiles (BLAS sgemm,
 float32 accumulation, single-threaded inside ``prange``), softmax with a float32 ``exp``
 and float64 row sums, and the reductions (column sums, diagonal sums, block sums) in
-float64. Outputs are float32 unless the caller preallocates float64.
+float64. Outputs are float32 unless the
+caller preallocates float64.
 """
 from __future__ import annotations
 
@@ -254,99 +255,6 @@ def nsa_score(q: Any, k: Any, compress_size: int, stride: int, block_size: int, 
     with single_threaded_blas():
         _nsa(qf, kc, G, Sk, l, d, lp, bool(causal), 1.0 / math.sqrt(D), p_slc, p_cmp)
     return p_slc, p_cmp
-
-
-# -------------------------------------------------------------------------- ProxyAttention
-@njit(**NJIT_OPTIONS)
-def _head_means(x: np.ndarray, heads: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """float32 ``[B, C, S, D]``: mean over the heads ``heads[c, :counts[c]]`` of x (float64 sums)."""
-    B, H, S, D = x.shape
-    C = heads.shape[0]
-    y = np.empty((B, C, S, D), np.float32)
-    for task in prange(B * C * S):
-        b = task // (C * S)
-        c = (task // S) % C
-        t = task % S
-        for e in range(D):
-            acc = 0.0
-            for u in range(counts[c]):
-                acc += x[b, heads[c, u], t, e]
-            y[b, c, t, e] = acc / counts[c]
-    return y
-
-
-@njit(**NJIT_OPTIONS)
-def _proxy(qt: np.ndarray, kt: np.ndarray, bs: int, stride: int, causal: bool, scale: float,
-           S: np.ndarray) -> None:
-    """S[b,c,I,J] = mean over the sampled rows of block I of the causal softmax mass of
-    ``scale * qt . kt`` on key block J. One task per (batch, proxy head, query block)."""
-    B, C, Sq, D = qt.shape
-    Sk = kt.shape[2]
-    qb, kb = S.shape[2], S.shape[3]
-    off = Sk - Sq
-    for task in prange(B * C * qb):
-        b = task // (C * qb)
-        c = (task // qb) % C
-        I = task % qb
-        start, stop = I * bs, min(Sq, (I + 1) * bs)
-        R = (stop - 1 - start) // stride + 1           # rows stop-1, stop-1-stride, ...
-        kn = Sk if not causal else max(0, min(Sk, stop - 1 + off + 1))
-        acc = np.zeros(kb)
-        if kn > 0:
-            qs = np.empty((R, D), np.float32)
-            for r in range(R):
-                for e in range(D):
-                    qs[r, e] = qt[b, c, stop - 1 - r * stride, e]
-            s = np.empty((R, kn), np.float32)
-            np.dot(qs, kt[b, c, :kn].T, s)
-            for r in range(R):
-                jn = kn if not causal else max(0, min(kn, stop - 1 - r * stride + off + 1))
-                if jn == 0:
-                    continue
-                m = np.float32(-np.inf)
-                for j in range(jn):
-                    m = max(m, s[r, j])
-                tot = 0.0
-                for j in range(jn):
-                    e = exp_f32((s[r, j] - m) * np.float32(scale))
-                    s[r, j] = e
-                    tot += e
-                inv = 1.0 / tot
-                for J in range((jn + bs - 1) // bs):
-                    t = 0.0
-                    for j in range(J * bs, min(jn, (J + 1) * bs)):
-                        t += s[r, j]
-                    acc[J] += t * inv
-        for J in range(kb):
-            S[b, c, I, J] = acc[J] / R
-
-
-@register("proxyattn_score", "numba")
-def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: int,
-                    causal: bool, *, out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
-    """ProxyAttention proxy block scores (reference
-    :func:`refattn.methods.proxyattn.proxyattn_proxy_scores`): ``(S,)`` ``[B, Hq/group_size,
-    Qb, Kb]``; proxy q = mean of the group's query heads, proxy k = mean of their distinct
-    kv heads (float64 sums, stored float32)."""
-    qf, kf = f32(q, "q"), f32(k, "k")
-    G = kv_group(qf, kf)
-    B, Hq, Sq, D = qf.shape
-    Sk = kf.shape[2]
-    gs, bs, st = int(group_size), int(block_size), int(stride)
-    if gs < 1 or Hq % gs:
-        raise InputError(f"proxyattn_score: group_size must divide Hq={Hq}, got {gs}")
-    C = Hq // gs
-    (S,) = outputs(out, [(B, C, num_blocks(Sq, bs), num_blocks(Sk, bs))], "proxyattn_score")
-    qheads = np.arange(Hq, dtype=np.int64).reshape(C, gs)
-    kvs = [np.unique(np.arange(c * gs, (c + 1) * gs) // G) for c in range(C)]
-    kheads = np.zeros((C, max(len(x) for x in kvs)), np.int64)
-    for c, x in enumerate(kvs):
-        kheads[c, :len(x)] = x
-    qt = _head_means(qf, qheads, np.full(C, gs, np.int64))
-    kt = _head_means(kf, kheads, np.array([len(x) for x in kvs], np.int64))
-    with single_threaded_blas():
-        _proxy(qt, kt, bs, st, bool(causal), 1.0 / math.sqrt(D), S)
-    return (S,)
 
 
 # ------------------------------------------------------------------------------------ PBS

@@ -1,9 +1,9 @@
-"""Numba kernels of the pooled (block-mean) scoring ops: ``moba_score``, ``prism_score``,
-``proxyattn_budget_score``.
+"""Numba kernels of the pooled (block-mean) scoring ops: ``moba_score``, ``prism_score``
+(ProxyAttn's budget op is in ``numba_scoring_proxy``).
 
 Each takes exactly its reference's arguments plus ``out=`` and fully writes its outputs.
-The work is small (``Sq x Kb x D`` or ``Qb x Kb x D``) next to reading q and k once, so
-these kernels do what the reference does in one pass: pooling sums in float64 from the
+The work is small (``Sq x Kb x D`` or ``Qb x Kb x D``) next to reading q and k once,
+so these kernels do what the reference does in one pass: pooling sums in float64 from the
 float32-converted inputs (:func:`block_sums`), dot products, softmax and calibration in
 float64, outputs stored as float32 (or the dtype of the caller's ``out=``).
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from ..core.blockmask import legal_blocks, num_blocks
+from ..core.blockmask import num_blocks
 from ..core.registry import register
 from ._blas import single_threaded_blas
 from .flags import NJIT_HELPER_OPTIONS, NJIT_OPTIONS
@@ -162,54 +162,3 @@ def prism_score(q: Any, k: Any, block_size: int, high_freq_dim: int, low_freq_di
     _prism(qb, kb, *bands, G, int(high_freq_dim), int(low_freq_dim), bool(calibrate),
            float(high_temp), float(low_temp), *res)
     return res
-
-
-# ------------------------------------------------------------------ ProxyAttention budget
-@njit(**NJIT_OPTIONS)
-def _pooled_softmax(qm: np.ndarray, km: np.ndarray, group: int, legal: np.ndarray,
-                    scale: float, a: np.ndarray) -> None:
-    """a[b,h,I,:] = softmax over legal J of scale * qm[b,h,I] . km[b,h//group,J]; illegal
-    entries 0, a row without a legal block all 0. qm, km float64 block means."""
-    B, Hq, Qb, D = qm.shape
-    Kb = km.shape[2]
-    for task in prange(B * Hq * Qb):
-        b = task // (Hq * Qb)
-        h = (task // Qb) % Hq
-        i = task % Qb
-        g = h // group
-        z = np.empty(Kb)
-        m = -np.inf
-        for j in range(Kb):
-            if legal[i, j]:
-                acc = 0.0
-                for d in range(D):
-                    acc += qm[b, h, i, d] * km[b, g, j, d]
-                z[j] = acc * scale
-                m = max(m, z[j])
-        tot = 0.0
-        for j in range(Kb):
-            if legal[i, j]:
-                z[j] = math.exp(z[j] - m)
-                tot += z[j]
-        for j in range(Kb):
-            a[b, h, i, j] = z[j] / tot if legal[i, j] else 0.0
-
-
-@register("proxyattn_budget_score", "numba")
-def proxyattn_budget_score(q: Any, k: Any, block_size: int, causal: bool, *,
-                           out: tuple[np.ndarray] | None = None) -> tuple[np.ndarray]:
-    """ProxyAttention's pooled block attention (reference
-    :func:`refattn.methods.proxyattn.proxyattn_budget_scores`): ``(a,)`` ``[B, Hq, Qb, Kb]``,
-    true-length block means, softmax over causally legal blocks, float64 arithmetic."""
-    qf, kf = f32(q, "q"), f32(k, "k")
-    G = kv_group(qf, kf)
-    bs = int(block_size)
-    B, Hq, Sq, D = qf.shape
-    Sk = kf.shape[2]
-    Qb, Kb = num_blocks(Sq, bs), num_blocks(Sk, bs)
-    (a,) = outputs(out, [(B, Hq, Qb, Kb)], "proxyattn_budget_score")
-    qm = block_sums(qf, bs) / block_counts(Sq, bs)[:, None]
-    km = block_sums(kf, bs) / block_counts(Sk, bs)[:, None]
-    legal = np.ascontiguousarray(legal_blocks(Sq, Sk, bs, bs, bool(causal)))
-    _pooled_softmax(qm, km, G, legal, 1.0 / math.sqrt(D), a)
-    return (a,)
