@@ -79,7 +79,7 @@ def op_args(q: np.ndarray, k: np.ndarray) -> dict[str, tuple]:
         "flexprefill_score": (q, k, 128, None),
         "quest_score": (q, k, 16, True),
         "nsa_score": (q, k, 32, 16, 64, True),
-        "proxyattn_score": (q, k, 128, Hq // Hkv, 1, True),
+        "proxyattn_score": (q, k, 128, Hq // Hkv, 4, True),      # the method default stride
         "proxyattn_budget_score": (q, k, 128, True),
         "pbs_key_importance": (q, k, 128, 256),
         "pbs_score": (q, kp, 128, 256),

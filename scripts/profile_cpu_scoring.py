@@ -55,11 +55,12 @@ Floor model per op (B = 1, Hq = Hkv = H; ``T_x`` = the products, ``R`` = streame
   nmax]`` with the compressed keys up to the tile's last complete one; R: k (compression);
   W: ``p_slc [H, S, S/64]`` and ``p_cmp [H, S, Nc]`` (166 MB). Reference: ``[R, D] @ [D,
   Nc]`` per row chunk, every compressed key.
-* ``proxyattn_score`` (block 128, group 1, stride 1, causal): the proxy map is
+* ``proxyattn_score`` (block 128, group 1, stride 4 (the method default), causal): the proxy map is
   ``(S/s) x (S/s)`` dot products per group (``s`` the stride), the causal half of them.
   T: **float64** (the kernel's products are dgemm), per head and query block
-  ``[128, D] x [D, kend]`` in chunks of 512 keys up to the block's diagonal; W:
-  ``[H, Qb, Kb]``. Reference: the whole ``[S, D] @ [D, S]`` per head (it masks afterwards).
+  ``[128/s, D] x [D, kend]`` on the kept rows and keys, in chunks of 512 keys up to the
+  block's diagonal; W: ``[H, Qb, Kb]``. Reference: the whole ``[S/s, D] @ [D, S/s]`` per
+  head (it masks afterwards).
 * ``proxyattn_budget_score`` (block 128): ``|L| x S`` dot products per head, ``L`` the last
   query block. T: **float64**, per head ``[|L|, D] x [D, S]`` in chunks of 512 keys; W:
   ``[H, Kb]``. Reference: the same product in float64.
@@ -378,17 +379,20 @@ class Planner:
 
     def _proxyattn_score(self, q, k, bs, gs, stride, causal) -> Plan:
         H, S = self.H, self.S
-        assert gs == 1 and stride == 1, "the floor model covers group 1, stride 1"
+        assert gs == 1 and bs % stride == 0, "the floor model covers group 1, stride | block"
+        qs = np.ascontiguousarray(self.q64[:, ::stride])         # the kept rows and keys
+        ks = np.ascontiguousarray(self.k64[:, ::stride])
+        T, bt = qs.shape[1], bs // stride
         qb, kb = num_blocks(S, bs), num_blocks(S, bs)
         rows, logits = [], 0
         for c in range(H):
             for I in range(qb):
-                start, stop = I * bs, min(S, (I + 1) * bs)
-                kn = min(S, stop) if causal else S
+                start, stop = I * bt, min(T, (I + 1) * bt)
+                kn = min(T, stop) if causal else T
                 rows.append((c, start, stop - start, 0, kn, min(kn, 512)))
                 logits += (stop - start) * kn
-        rg = [(self.q64[c], self.k64[c]) for c in range(H)]
-        return Plan([(self.q64, self.k64, _tasks(rows))], logits, rg, [], H * qb * kb)
+        rg = [(qs[c], ks[c]) for c in range(H)]
+        return Plan([(qs, ks, _tasks(rows))], logits, rg, [], H * qb * kb)
 
 
 # ---------------------------------------------------------------------------- the floors
