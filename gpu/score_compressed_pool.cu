@@ -1,8 +1,8 @@
 // Pooling kernels of NSA, ProxyAttn and PBS-Attn (float64 sums), see
 // gpu/scoring_compressed.py: win_mean (window / block means: NSA's pooled keys, the pooled
-// q/k of `proxyattn_budget_score` and `pbs_score`), head_mean (means over query or kv heads,
-// ProxyAttn), pooled_softmax (masked row softmax of the pooled logits of ProxyAttn's budget
-// estimate and of pbs_score).
+// q/k of `pbs_score`), head_mean (means over query or kv heads of every step-th row:
+// ProxyAttn's proxy heads at the kept rows / keys), pooled_softmax (masked row softmax of
+// pooled logits: pbs_score).
 #include "common.cuh"
 #include "exact_f64.cuh"
 
@@ -48,28 +48,30 @@ __global__ void win_mean(const T* __restrict__ x, O* __restrict__ out, int S, in
   }
 }
 
-// out[b, c, t] = mean over heads h0..h1 of x[b, h, t], h0 = c*mul/dv, h1 = ((c+1)*mul - 1)/dv
-// (query heads: mul = group_size, dv = 1; kv heads: dv = Hq/Hkv). Grid (ceil(S*D/256), C, B).
+// out[b, c, j] (j < n) = mean over heads h0..h1 of x[b, h, j*step], h0 = c*mul/dv,
+// h1 = ((c+1)*mul - 1)/dv (query heads: mul = group_size, dv = 1; kv heads: dv = Hq/Hkv);
+// x [B, H, S, D], (n - 1)*step < S. Grid (ceil(n*D/256), C, B).
 template <typename T, typename O>
 __global__ void __launch_bounds__(256) head_mean(const T* __restrict__ x, O* __restrict__ out,
                                                  int H, int S, int D, int C, int mul, int dv,
-                                                 int split) {
+                                                 int split, int step, int n) {
   const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long long)S * D) return;
+  if (idx >= (long long)n * D) return;
   const int c = blockIdx.y, b = blockIdx.z;
   const int h0 = c * mul / dv, h1 = ((c + 1) * mul - 1) / dv;
+  const long long j = idx / D;
+  const int d = (int)(idx - j * D);
+  const size_t src = (size_t)j * step * D + d;
   double s = 0.0;
-  for (int h = h0; h <= h1; ++h) s += to_dbl(x[((size_t)b * H + h) * (size_t)S * D + idx]);
-  const long long t = idx / D;
-  const int d = (int)(idx - t * D);
-  O* ob = out + (((size_t)b * C + c) * S + t) * (size_t)(split ? 2 * D : D);
+  for (int h = h0; h <= h1; ++h) s += to_dbl(x[((size_t)b * H + h) * (size_t)S * D + src]);
+  O* ob = out + (((size_t)b * C + c) * n + j) * (size_t)(split ? 2 * D : D);
   store_mean(ob, d, D, s / (double)(h1 - h0 + 1), split);
 }
 
 // Masked row softmax of pooled logits z double [rows = B*H*nq, nk] (times `scale`), float64.
-// MODE 0 (ProxyAttn budget): legal blocks (causal: J*bs <= last row of I + Sk - Sq); a row
-//   without one is 0. MODE 1 (pbs_score): allowed iff I/mseg != J/mseg and J <= I; a row
-//   without one is NaN. One warp per row.
+// MODE 0: legal blocks (causal: J*bs <= last row of I + Sk - Sq); a row without one is 0
+//   (no caller since ProxyAttn's budget became token-level). MODE 1 (pbs_score): allowed iff
+//   I/mseg != J/mseg and J <= I; a row without one is NaN. One warp per row.
 template <int MODE>
 __global__ void __launch_bounds__(128) pooled_softmax(
     const double* __restrict__ z, double* __restrict__ out, int nq, int nk, int Sq, int Sk, int bs,
@@ -105,12 +107,12 @@ __global__ void __launch_bounds__(128) pooled_softmax(
 // Compile check of every template the launchers use (nvcc -DREFATTN_INSTANTIATE_ALL ...).
 #define EX_T(T) \
   template __global__ void win_mean<T, double>(const T*, double*, int, int, int, int, int, int, int); \
-  template __global__ void head_mean<T, double>(const T*, double*, int, int, int, int, int, int, int);
+  template __global__ void head_mean<T, double>(const T*, double*, int, int, int, int, int, int, int, int, int);
 EX_T(float) EX_T(double) EX_T(__half) EX_T(__nv_bfloat16)
 template __global__ void win_mean<__half, __half>(const __half*, __half*, int, int, int, int, int, int, int);
 template __global__ void win_mean<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, int, int);
-template __global__ void head_mean<__half, __half>(const __half*, __half*, int, int, int, int, int, int, int);
-template __global__ void head_mean<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, int, int);
+template __global__ void head_mean<__half, __half>(const __half*, __half*, int, int, int, int, int, int, int, int, int);
+template __global__ void head_mean<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, int, int, int, int, int, int, int, int, int);
 template __global__ void pooled_softmax<0>(const double*, double*, int, int, int, int, int, int, int, double, long long);
 template __global__ void pooled_softmax<1>(const double*, double*, int, int, int, int, int, int, int, double, long long);
 #endif

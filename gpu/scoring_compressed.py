@@ -7,7 +7,7 @@ Registered ops, each with the signature, outputs and semantics of its NumPy refe
 * ``proxyattn_score(q, k, block_size, group_size, stride, causal, *, out=None)`` ->
   ``(S [B, Hq/group_size, Qb, Kb],)`` (``refattn.methods.proxyattn.proxyattn_proxy_scores``);
 * ``proxyattn_budget_score(q, k, block_size, causal, *, out=None)`` ->
-  ``(a [B, Hq, Qb, Kb],)`` (``proxyattn_budget_scores``);
+  ``(a [B, Hq, Kb],)`` (``proxyattn_budget_scores``);
 * ``pbs_key_importance(q, k, block_size, segment_size, *, out=None)`` ->
   ``(w [B, Hq, floor(L/s)*s],)`` (``refattn.methods.pbs.pbs_key_importance``);
 * ``pbs_score(q, k_perm, block_size, segment_size, *, out=None)`` -> ``(p [B, Hq, n, n],)``
@@ -18,15 +18,14 @@ arrays (anything :func:`refattn.core.layout.as_array` accepts), bf16/fp16/fp32/f
 NumPy in gives NumPy out, device in gives CuPy out; ``out=`` takes NumPy or CuPy
 float32/float64 arrays. fp32/fp64 inputs are computed in float64 (results float64);
 bf16/fp16 inputs return float32 and, for the token-level products (NSA's compressed
-attention, ProxyAttn's proxy attention, PBS's key importance) with D in {64, 128} on sm_80+,
-run on tensor cores (``gpu/score_nsa.cu``, ``gpu/score_proxy_pbs.cu``) with fp32
-accumulation and softmax.
+attention, ProxyAttn's strided proxy attention and its last-block budget attention, PBS's key
+importance) with D in {64, 128} on sm_80+, run on tensor cores (``gpu/score_nsa.cu``,
+``gpu/score_proxy_pbs.cu``) with fp32 accumulation and softmax.
 Float64 operands of the reference that feed a tensor-core product (NSA's pooled keys,
 ProxyAttn's head-pooled q/k) are split into two 16-bit parts (hi + lo), so the products keep
-about 16 mantissa bits instead of bf16's 8. The pooled block products (ProxyAttn's budget
-estimate, ``pbs_score``) are small (``(S/b)^2 D`` per head) and run in float64 for every
-dtype. See ``docs/gpu.md`` ("Compressed and proxy scoring kernels") for the kernels and
-their speed.
+about 16 mantissa bits instead of bf16's 8. The pooled block product of ``pbs_score`` is
+small (``(S/b)^2 D`` per head) and runs in float64 for every dtype. See ``docs/gpu.md``
+("Compressed and proxy scoring kernels") for the kernels and their speed.
 """
 from __future__ import annotations
 
@@ -59,12 +58,15 @@ NSA_SPLIT = True
 #: v2 is the default since the H200 probe (scripts/probe_nsa.py): same outputs as v1 within
 #: 2e-7, 2.7x faster (p_slc at 32k: 15.5 -> 5.8 ms).
 NSA_KERNEL = "v2"
-#: Bound on ProxyAttn's scratch (per sampled row and key block: a sum and a max) of one
-#: launch; proxy heads are processed in groups that fit.
+#: Bound on ProxyAttn's scratch (per kept row and key block: the max logit) of one launch;
+#: proxy heads are processed in groups that fit.
 PROXY_SCRATCH_BYTES = 1 << 30
 #: 64-key tiles per CTA of the PBS key-importance kernels (the key axis is split over CTAs).
 PBS_KI_TILES_PER_SPLIT = 16
-#: Largest number of sampled rows per ProxyAttn query block on the tensor-core path.
+#: 64-key tiles per CTA of ProxyAttn's budget kernels (the key axis is split over CTAs).
+PROXY_BUDGET_TILES_PER_SPLIT = 16
+#: Largest number of kept rows (block_size / stride) per ProxyAttn query block on the
+#: tensor-core path.
 PROXY_MAX_ROWS = 4096
 
 
@@ -197,32 +199,36 @@ def nsa_block_scores(q: Any, k: Any, compress_size: int, stride: int, block_size
 
 
 # ----------------------------------------------------------------------------- ProxyAttn
-def _proxy_bpt(bs: int, kpt: int) -> int | None:
-    """Key blocks per tile (1 when a block spans whole tiles), None if neither divides."""
-    if bs % kpt == 0:
+def _proxy_bpt(nb: int, kpt: int) -> int | None:
+    """Key blocks per tile for blocks of ``nb`` kept keys (1 when a block spans whole tiles),
+    None if neither divides or a block is narrower than one n8 group."""
+    if nb % kpt == 0:
         return 1
-    if kpt % bs == 0 and bs >= 8:
-        return kpt // bs
+    if kpt % nb == 0 and nb >= 8:
+        return kpt // nb
     return None
 
 
-def _proxy_layout(Hq: int, Hkv: int, gs: int) -> tuple[bool, bool]:
-    """(q pooled over >1 head, some proxy head pools >1 kv head)."""
+def _proxy_group(Hq: int, Hkv: int, gs: int) -> int:
+    """The GQA group ``G``; ``gs`` must be a multiple of it dividing ``Hq``."""
     G = Hq // Hkv
-    multi_kv = any(((c + 1) * gs - 1) // G > (c * gs) // G for c in range(Hq // gs))
-    return gs > 1, multi_kv
+    if Hq % gs or gs % G:
+        raise InputError(f"proxyattn_score: group_size must be a multiple of the GQA group "
+                         f"({G}) dividing Hq={Hq}, got {gs}")
+    return G
 
 
 def proxyattn_fast_path(kind: str, D: int, block_size: int, group_size: int, stride: int,
                         Hq: int, Hkv: int) -> bool:
     """True when ``proxyattn_score`` runs on tensor cores: bf16/fp16, D in {64, 128},
-    sm_80+, ``block_size`` a multiple of the key tile (64, or 32 when the proxy keys pool
-    several kv heads) or one of 8/16/32 dividing it, and at most PROXY_MAX_ROWS sampled rows
-    per block."""
-    _, multi_kv = _proxy_layout(Hq, Hkv, group_size)
-    kpt = 32 if multi_kv else 64
-    rmax = (block_size - 1) // stride + 1
-    return _tc(kind, D) and _proxy_bpt(block_size, kpt) is not None and rmax <= PROXY_MAX_ROWS
+    sm_80+, ``stride`` dividing ``block_size`` and the ``block_size / stride`` kept keys of
+    a block a multiple of the key tile (64 kept keys, or 32 when the proxy keys pool several
+    kv heads) or one of 8/16/32 dividing it, at most PROXY_MAX_ROWS of them."""
+    if block_size % stride:
+        return False
+    nb = block_size // stride
+    kpt = 32 if group_size // max(1, Hq // Hkv) > 1 else 64
+    return _tc(kind, D) and _proxy_bpt(nb, kpt) is not None and nb <= PROXY_MAX_ROWS
 
 
 @register("proxyattn_score", "cupy")
@@ -231,50 +237,51 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
     """ProxyAttn proxy block scores (reference
     ``refattn.methods.proxyattn.proxyattn_proxy_scores``).
 
-    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``. Proxy head ``c`` pools query heads
-    ``[c*g, (c+1)*g)`` and the kv heads they read; ``S[b, c, I, J]`` is the mean over the
-    sampled rows of query block ``I`` (its last row and every ``stride``-th row before it) of
-    the proxy head's causal token softmax mass on key block ``J``. Returns ``(S,)``
-    ``[B, Hq/g, Qb, Kb]``.
+    q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Sk, D]``; ``group_size`` ``g`` a multiple of
+    ``Hq // Hkv`` dividing ``Hq``. Proxy head ``c`` is the mean of query heads
+    ``[c*g, (c+1)*g)`` and of the kv heads they read, at the kept rows and keys (multiples
+    of ``stride``); ``S[b, c, I, J]`` is the max over the kept rows of query block ``I`` and
+    the kept keys of key block ``J`` of the proxy head's causal softmax over the kept keys
+    (0 where no kept pair is visible). Returns ``(S,)`` ``[B, Hq/g, Qb, Kb]``.
     """
     qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "proxyattn_score")
     bs, gs, st = (_positive("block_size", block_size), _positive("group_size", group_size),
                   _positive("stride", stride))
-    if Hq % gs:
-        raise InputError(f"proxyattn_score: group_size must divide Hq={Hq}, got {gs}")
-    C, G = Hq // gs, Hq // Hkv
+    G = _proxy_group(Hq, Hkv, gs)
+    C = Hq // gs
     Qb, Kb = _cdiv(Sq, bs), _cdiv(Sk, bs)
-    rmax = (bs - 1) // st + 1
+    nrow, nkey = _cdiv(Sq, st), _cdiv(Sk, st)        # kept rows u*st, kept keys v*st
     ct = _CT[kind]
     scale = 1.0 / math.sqrt(D)
     causal = bool(causal)
-    qsplit, ksplit = _proxy_layout(Hq, Hkv, gs)
     if proxyattn_fast_path(kind, D, bs, gs, st, Hq, Hkv):
-        QS, KS = int(qsplit), int(ksplit)
+        QS, KS = int(gs > 1), int(gs // G > 1)
         kpt, qpc = 64 >> KS, 128 >> QS
-        bpt = _proxy_bpt(bs, kpt)
+        nb = bs // st
+        bpt = _proxy_bpt(nb, kpt)
         hm = get_kernel(_SRC_POOL, f"head_mean<{ct}, {ct}>")
-        if qsplit:
-            qs = cp.empty((B, C, Sq, 2 * D), cp.uint16)
-            launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
-                   (qd, qs, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(1)))
-            qsrc, q_sb, q_sh, q_rs = qs, C * Sq * 2 * D, Sq * 2 * D, 2 * D
-        else:
-            qsrc, q_sb, q_sh, q_rs = qd, Hq * Sq * D, Sq * D, D
-        if ksplit:
-            kt = cp.empty((B, C, Sk, 2 * D), cp.uint16)
-            launch(hm, (_cdiv(Sk * D, 256), C, B), (256,),
-                   (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(1)))
-            ksrc, k_sb, k_sh, k_rs, kmul, kdiv = kt, C * Sk * 2 * D, Sk * 2 * D, 2 * D, 1, 1
-        else:
-            ksrc, k_sb, k_sh, k_rs, kmul, kdiv = kd, Hkv * Sk * D, Sk * D, D, gs, G
-        nsa = _cdiv(Qb * rmax, qpc) * qpc
-        kba = Kb if bpt == 1 else _cdiv(Sk, kpt) * bpt
-        per_head = (2 * kba + 2) * nsa * 4
+        if QS:    # hi/lo means of the group's q heads at the kept rows
+            qs = cp.empty((B, C, nrow, 2 * D), cp.uint16)
+            launch(hm, (_cdiv(nrow * D, 256), C, B), (256,),
+                   (qd, qs, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(1),
+                    _I32(st), _I32(nrow)))
+            qsrc, q_sb, q_sh, q_rs = qs, C * nrow * 2 * D, nrow * 2 * D, 2 * D
+        else:     # g = 1 (MHA): proxy head c is q head c, kept rows read in place
+            qsrc, q_sb, q_sh, q_rs = qd, Hq * Sq * D, Sq * D, st * D
+        if KS:    # hi/lo means of the group's kv heads at the kept keys
+            kt = cp.empty((B, C, nkey, 2 * D), cp.uint16)
+            launch(hm, (_cdiv(nkey * D, 256), C, B), (256,),
+                   (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(1),
+                    _I32(st), _I32(nkey)))
+            ksrc, k_sb, k_sh, k_rs = kt, C * nkey * 2 * D, nkey * 2 * D, 2 * D
+        else:     # g = G: proxy head c reads kv head c, kept keys read in place
+            ksrc, k_sb, k_sh, k_rs = kd, Hkv * Sk * D, Sk * D, st * D
+        nsa = _cdiv(nrow, qpc) * qpc
+        kba = Kb if bpt == 1 else _cdiv(nkey, kpt) * bpt
+        per_head = (kba + 2) * nsa * 4
         BC = B * C
         group = max(1, min(BC, 65535, PROXY_SCRATCH_BYTES // per_head))
-        part = cp.empty((group, kba, nsa), cp.float32)
-        mcs = cp.empty((group, kba, nsa), cp.float32)
+        zmx = cp.empty((group, kba, nsa), cp.float32)
         rst = cp.empty((group, 2, nsa), cp.float32)
         S = cp.empty((B, C, Qb, Kb), cp.float32)
         ktile = get_kernel(_SRC_PX, f"proxy_tc<{ct}, {D}, {QS}, {KS}, {bpt}>")
@@ -282,27 +289,30 @@ def proxyattn_score(q: Any, k: Any, block_size: int, group_size: int, stride: in
         for bc0 in range(0, BC, group):
             g = min(group, BC - bc0)
             launch(ktile, (nsa // qpc, g), (128,),
-                   (qsrc, ksrc, part, mcs, rst, _I64(q_sb), _I64(q_sh), _I32(q_rs), _I64(k_sb),
-                    _I64(k_sh), _I32(k_rs), _I32(kmul), _I32(kdiv), _I32(C), _I32(Sq), _I32(Sk),
-                    _I32(bs), _I32(st), _I32(rmax), _I32(Qb), _I32(nsa), _I32(kba),
-                    _F32(scale * _LOG2E), _I32(causal), _I32(bc0)),
+                   (qsrc, ksrc, zmx, rst, _I64(q_sb), _I64(q_sh), _I64(q_rs), _I64(k_sb),
+                    _I64(k_sh), _I64(k_rs), _I32(C), _I32(Sq), _I32(Sk), _I32(st), _I32(nrow),
+                    _I32(nkey), _I32(nb), _I32(nsa), _I32(kba), _F32(scale * _LOG2E),
+                    _I32(causal), _I32(bc0)),
                    shared_mem=_eng_smem(D))
             launch(kred, (Qb, g), (256,),
-                   (part, mcs, rst, S, _I32(Sq), _I32(Sk), _I32(bs), _I32(st), _I32(rmax),
-                    _I32(Qb), _I32(Kb), _I32(nsa), _I32(kba), _I32(causal), _I32(bc0)),
-                   shared_mem=3 * rmax * 4)
+                   (zmx, rst, S, _I32(Sq), _I32(Sk), _I32(bs), _I32(st), _I32(nrow), _I32(nkey),
+                    _I32(nb), _I32(Qb), _I32(Kb), _I32(nsa), _I32(kba), _I32(causal),
+                    _I32(bc0)),
+                   shared_mem=3 * nb * 4)
         return _deliver((S,), out, host, ("proxy_scores",))
     hm = get_kernel(_SRC_POOL, f"head_mean<{ct}, double>")
-    qt = cp.empty((B, C, Sq, D), cp.float64)
-    kt = cp.empty((B, C, Sk, D), cp.float64)
-    launch(hm, (_cdiv(Sq * D, 256), C, B), (256,),
-           (qd, qt, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(0)))
-    launch(hm, (_cdiv(Sk * D, 256), C, B), (256,),
-           (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(0)))
+    qt = cp.empty((B, C, nrow, D), cp.float64)
+    kt = cp.empty((B, C, nkey, D), cp.float64)
+    launch(hm, (_cdiv(nrow * D, 256), C, B), (256,),
+           (qd, qt, _I32(Hq), _I32(Sq), _I32(D), _I32(C), _I32(gs), _I32(1), _I32(0), _I32(st),
+            _I32(nrow)))
+    launch(hm, (_cdiv(nkey * D, 256), C, B), (256,),
+           (kd, kt, _I32(Hkv), _I32(Sk), _I32(D), _I32(C), _I32(gs), _I32(G), _I32(0), _I32(st),
+            _I32(nkey)))
     S = cp.zeros((B, C, Qb, Kb), cp.float64)
-    launch(get_kernel(_SRC_PX, "proxy_exact<0>"), (_cdiv(Qb * rmax, 4), B * C), (128,),
-           (qt, kt, S, _I32(Sq), _I32(Sk), _I32(D), _I32(bs), _I32(st), _I32(rmax), _I32(Qb),
-            _I32(Kb), _F64(scale), _I32(causal)), shared_mem=4 * D * 8)
+    launch(get_kernel(_SRC_PX, "proxy_exact<0>"), (_cdiv(nrow, 4), B * C), (128,),
+           (qt, kt, S, _I32(Sq), _I32(Sk), _I32(D), _I32(bs), _I32(st), _I32(nrow), _I32(nkey),
+            _I32(Qb), _I32(Kb), _F64(scale), _I32(causal)), shared_mem=4 * D * 8)
     return _deliver((_finish(S, kind),), out, host, ("proxy_scores",))
 
 
@@ -328,20 +338,47 @@ def _pooled_softmax(z: Any, mode: int, Sq: int, Sk: int, bs: int, mseg: int, cau
     return out
 
 
+def proxyattn_budget_fast_path(kind: str, D: int) -> bool:
+    """True when ``proxyattn_budget_score`` runs on tensor cores (bf16/fp16, D in {64, 128},
+    sm_80+)."""
+    return _tc(kind, D)
+
+
 @register("proxyattn_budget_score", "cupy")
 def proxyattn_budget_score(q: Any, k: Any, block_size: int, causal: bool, *,
                            out: Any = None) -> tuple[Any]:
-    """Per-head pooled block attention for ProxyAttn's budgets (reference
-    ``proxyattn_budget_scores``): ``a[h, I, :] = softmax_J(mean_I q . mean_J k / sqrt(D))``
-    over the causally legal blocks (true-length means; a row without a legal block is 0).
-    Float64 block means, cuBLAS float64 product, one warp per row for the softmax.
-    Returns ``(a,)`` ``[B, Hq, Qb, Kb]``."""
+    """Per-head block attention of the last query block for ProxyAttn's budgets (reference
+    ``proxyattn_budget_scores``): for the rows ``L`` of the last query block, the causal
+    token-level softmax of each head over all keys, ``a[h, J] = sum_{r in L, t in J} p /
+    (|L| |J|)`` (true lengths; a row that sees no key adds 0). bf16/fp16 with D in
+    {64, 128}: tensor cores, fp32 softmax (two passes over key splits, block sums by
+    atomics); otherwise float64, one warp per row. Returns ``(a,)`` ``[B, Hq, Kb]``."""
     qd, kd, kind, host, (B, Hq, Hkv, Sq, Sk, D) = _qk(q, k, "proxyattn_budget_score")
     bs = _positive("block_size", block_size)
-    qm, km = _pool(qd, kind, bs, True), _pool(kd, kind, bs, True)
-    G, nq, nk = Hq // Hkv, qm.shape[2], km.shape[2]
-    z = cp.matmul(qm.reshape(B, Hkv, G * nq, D), km.transpose(0, 1, 3, 2))
-    a = _pooled_softmax(z.reshape(B, Hq, nq, nk), 0, Sq, Sk, bs, 1, causal, 1.0 / math.sqrt(D))
+    G, Qb, Kb = Hq // Hkv, _cdiv(Sq, bs), _cdiv(Sk, bs)
+    r0 = (Qb - 1) * bs
+    ell = Sq - r0
+    ct = _CT[kind]
+    scale = 1.0 / math.sqrt(D)
+    causal = bool(causal)
+    if proxyattn_budget_fast_path(kind, D):
+        tps = PROXY_BUDGET_TILES_PER_SPLIT
+        nsplit, nrt = _cdiv(_cdiv(Sk, 64), tps), _cdiv(ell, 128)
+        ella = nrt * 128
+        stM = cp.empty((B * Hq, nsplit, ella), cp.float32)
+        stL = cp.empty((B * Hq, nsplit, ella), cp.float32)
+        a = cp.zeros((B, Hq, Kb), cp.float32)
+        args = (qd, kd, stM, stL, a, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(r0), _I32(ell),
+                _I32(bs), _I32(Kb), _I32(nsplit), _I32(tps), _I32(ella), _F32(scale * _LOG2E),
+                _I32(causal))
+        for mode in (0, 1):
+            launch(get_kernel(_SRC_PX, f"proxy_budget_tc<{ct}, {D}, {mode}>"),
+                   (nsplit, nrt, B * Hq), (128,), args, shared_mem=_eng_smem(D))
+        return _deliver((a,), out, host, ("budget_scores",))
+    a = cp.zeros((B, Hq, Kb), cp.float64)
+    launch(get_kernel(_SRC_PX, f"proxy_budget_exact<{ct}>"), (_cdiv(ell, 4), B * Hq), (128,),
+           (qd, kd, a, _I32(Hq), _I32(G), _I32(Sq), _I32(Sk), _I32(D), _I32(r0), _I32(ell),
+            _I32(bs), _I32(Kb), _F64(scale), _I32(causal)), shared_mem=4 * D * 8)
     return _deliver((_finish(a, kind),), out, host, ("budget_scores",))
 
 
@@ -415,4 +452,4 @@ def pbs_score(q: Any, k_perm: Any, block_size: int, segment_size: int, *,
 
 __all__ = ["nsa_score", "nsa_block_scores", "proxyattn_score", "proxyattn_budget_score",
            "pbs_key_importance", "pbs_score", "nsa_fast_path", "nsa_kernel_used",
-           "proxyattn_fast_path", "pbs_key_importance_fast_path"]
+           "proxyattn_fast_path", "proxyattn_budget_fast_path", "pbs_key_importance_fast_path"]

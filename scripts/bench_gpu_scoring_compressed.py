@@ -12,8 +12,9 @@ bf16, causal, S in {32768, 131072}. For each S, in one process:
   ``nsa_block_scores`` (``p_slc`` only, what the selection uses), with the pooled keys split
   into hi + lo (default) and, for comparison, rounded to bf16 (``NSA_SPLIT = False``); each
   with the kernels of ``--nsa-kernels`` (``NSA_KERNEL``: v1 atomics, v2 register spread);
-* ProxyAttn at the defaults (block 128, group = the GQA group, stride 1):
-  ``proxyattn_score`` and ``proxyattn_budget_score``; plus ``proxyattn_score`` at stride 16;
+* ProxyAttn (block 128): ``proxyattn_score`` at the paper's stride 4 with the group = the
+  GQA group (one proxy head per kv head) and = all query heads (one proxy head), and at
+  stride 16; ``proxyattn_budget_score`` (the last query block's token-level attention);
 * PBS at the defaults (block 128, segment 256): ``pbs_key_importance`` and ``pbs_score`` (on
   ``k`` itself: the permutation between the two runs on the host and is not timed).
 
@@ -129,18 +130,24 @@ def run_size(S: int, args: argparse.Namespace, sc) -> None:
                 lambda: sc.nsa_block_scores(q, k, l_, d_, lp, True), flops=fl,
                 note=f"output {slc_bytes / 1e9:.1f} GB")
 
-    # ---- ProxyAttn (block 128, group = GQA group, stride 1)
+    # ---- ProxyAttn (block 128; group = GQA group or all heads; stride 4 = paper, 16)
     bs = 128
     qb = -(-S // bs)
     px = dispatch("proxyattn_score", "cupy")
     bud = dispatch("proxyattn_budget_score", "cupy")
-    C = H // G
-    qsplit = G > 1
-    fl1 = (S * S / 2) * D * 2 * C * (2 if qsplit else 1)
-    rec("proxyattn_score (stride 1)", lambda: px(q, k, bs, G, 1, True), flops=fl1)
-    rec("proxyattn_score (stride 16)", lambda: px(q, k, bs, G, 16, True), flops=fl1 / 16)
+
+    def px_flops(gs: int, st: int) -> float:
+        """(S/s)^2 / 2 (causal) x 2D per proxy head, hi/lo parts of pooled q/k counted."""
+        parts = (2 if gs > 1 else 1) * (2 if gs // G > 1 else 1)
+        return (H // gs) * (S / st) ** 2 / 2 * 2 * D * parts
+
+    for gs, st in [(G, 4), (H, 4), (G, 16)]:
+        rec(f"proxyattn_score (group {gs}, stride {st})",
+            lambda gs=gs, st=st: px(q, k, bs, gs, st, True), flops=px_flops(gs, st),
+            note=f"{H // gs} proxy heads")
+    ell = S - (qb - 1) * bs
     rec("proxyattn_budget_score", lambda: bud(q, k, bs, True),
-        nbytes=qk_bytes + 8.0 * H * qb * qb)
+        flops=2 * 2.0 * ell * S * D * H, note="last block, 2 passes")
 
     # ---- PBS (block 128, segment 256)
     ki = dispatch("pbs_key_importance", "cupy")

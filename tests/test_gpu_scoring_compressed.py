@@ -200,29 +200,42 @@ def test_nsa_v2_fp16_unsplit_and_block_scores(monkeypatch):
 
 # ----------------------------------------------------------------------------- ProxyAttn
 PROXY_CASES = [
-    # label, (B, Hq, Hkv, Sq, Sk, D), (block, group, stride, causal), kind
-    ("mha_b128", (1, 2, 2, 700, 700, 128), (128, 1, 1, True), "structured"),
-    ("gqa_default_group_b64", (1, 4, 2, 500, 500, 64), (64, 2, 1, True), "structured"),
-    ("group_over_kv_heads_b32", (1, 4, 2, 300, 300, 64), (32, 4, 1, True), "structured"),
-    ("b16_stride4", (1, 4, 2, 260, 260, 64), (16, 2, 4, True), "random"),
-    ("b8_noncausal", (1, 2, 1, 100, 180, 64), (8, 1, 1, False), "random"),
-    ("stride3_rows_span_ctas", (1, 2, 1, 600, 600, 128), (64, 1, 3, True), "structured"),
-    ("sq_lt_sk", (1, 2, 1, 150, 700, 64), (64, 2, 1, True), "random"),
-    ("sq_gt_sk_empty_rows", (1, 2, 1, 400, 150, 64), (128, 1, 1, True), "random"),
-    ("mixed_kv_pooling", (2, 6, 2, 200, 260, 64), (64, 2, 2, True), "random"),
-    ("odd_block_exact_path", (1, 2, 1, 200, 200, 64), (96, 1, 5, True), "random"),
+    # label, (B, Hq, Hkv, Sq, Sk, D), (block, group, stride, causal), kind, tensor cores (bf16)
+    # group: a multiple of the GQA group Hq // Hkv. Tensor cores need stride | block and
+    # block/stride kept keys per block a multiple of the key tile (64, 32 when the proxy keys
+    # pool several kv heads) or 8/16/32 dividing it.
+    ("mha_b128_tiles_per_block", (1, 2, 2, 700, 700, 128), (128, 1, 1, True), "structured", True),
+    ("mha_b128_stride4", (1, 2, 2, 700, 700, 128), (128, 1, 4, True), "structured", True),
+    ("gqa_default_group_b64", (1, 4, 2, 500, 500, 64), (64, 2, 1, True), "structured", True),
+    ("group_over_kv_heads_b32", (1, 4, 2, 300, 300, 64), (32, 4, 1, True), "structured", True),
+    ("group_over_kv_heads_b128_s4", (1, 4, 2, 600, 600, 64), (128, 4, 4, True), "structured",
+     True),
+    ("group_over_kv_heads_s16", (1, 4, 2, 900, 900, 64), (128, 4, 16, True), "random", True),
+    ("b16_stride2", (1, 4, 2, 260, 260, 64), (16, 2, 2, True), "random", True),
+    ("b8_noncausal", (1, 2, 1, 100, 180, 64), (8, 2, 1, False), "random", True),
+    ("b64_stride8", (1, 2, 2, 700, 650, 64), (64, 1, 8, True), "random", True),
+    ("stride4_rows_span_ctas", (1, 2, 1, 600, 600, 128), (64, 2, 4, True), "structured", True),
+    ("sq_lt_sk", (1, 2, 1, 150, 700, 64), (64, 2, 1, True), "random", True),
+    ("sq_lt_sk_stride4", (1, 2, 1, 150, 701, 64), (64, 2, 4, True), "random", True),
+    ("sq_gt_sk_empty_rows", (1, 2, 2, 400, 150, 64), (128, 1, 1, True), "random", True),
+    ("sq_gt_sk_empty_rows_s4", (1, 2, 2, 403, 150, 64), (128, 1, 4, True), "random", True),
+    ("mixed_batch_group3", (2, 6, 2, 200, 260, 64), (64, 3, 2, True), "random", True),
+    ("stride3_exact_path", (1, 2, 1, 600, 600, 128), (64, 2, 3, True), "structured", False),
+    ("stride_over_block_exact_path", (1, 2, 1, 300, 310, 64), (32, 2, 50, True), "random", False),
+    ("stride_over_sk_exact_path", (1, 2, 1, 90, 100, 64), (32, 2, 200, True), "random", False),
+    ("odd_block_exact_path", (1, 2, 1, 200, 200, 64), (96, 2, 5, True), "random", False),
+    ("four_keys_per_block_exact_path", (1, 2, 2, 300, 300, 64), (16, 1, 4, True), "random", False),
 ]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("label,shape,rest,kind", PROXY_CASES, ids=[c[0] for c in PROXY_CASES])
-def test_proxyattn_score(dtype, label, shape, rest, kind):
+@pytest.mark.parametrize("label,shape,rest,kind,tc", PROXY_CASES, ids=[c[0] for c in PROXY_CASES])
+def test_proxyattn_score(dtype, label, shape, rest, kind, tc):
     B, Hq, Hkv, Sq, Sk, D = shape
     q, k = _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, seed=len(label) + 7, kind=kind)
     bs, gs, st, _ = rest
     fast = _mod().proxyattn_fast_path(dtype, D, bs, gs, st, Hq, Hkv)
-    expect = dtype == "bfloat16" and label != "odd_block_exact_path"
-    assert fast == expect, f"proxyattn fast path for {dtype}, {label}: {fast}"
+    assert fast == (dtype == "bfloat16" and tc), f"proxyattn fast path for {dtype}, {label}: {fast}"
     _check("proxyattn_score", (q, k) + rest, dtype, _tight(dtype, fast), label)
 
 
@@ -230,7 +243,8 @@ def test_proxyattn_fp16_and_scratch_groups(monkeypatch):
     """fp16; and the result does not depend on how proxy heads are grouped for the scratch."""
     mod = _mod()
     q, k = _inputs(2, 4, 2, 640, 640, 128, "float16", seed=11)
-    args = (q, k, 128, 1, 1, True)
+    args = (q, k, 128, 2, 4, True)
+    assert mod.proxyattn_fast_path("float16", 128, 128, 2, 4, 4, 2)
     _, (S,) = _check("proxyattn_score", args, "float16", TIGHT["tc"], "fp16")
     monkeypatch.setattr(mod, "PROXY_SCRATCH_BYTES", 1)     # one proxy head per launch
     (S1,) = registry.dispatch("proxyattn_score", "cupy")(*args)
@@ -239,17 +253,25 @@ def test_proxyattn_fp16_and_scratch_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("shape,bs,causal", [
-    ((1, 4, 2, 300, 300, 64), 64, True),
-    ((1, 2, 1, 70, 150, 32), 32, True),
-    ((1, 2, 1, 150, 70, 32), 32, True),      # rows without a legal block
-    ((2, 2, 2, 96, 130, 16), 32, False),
-    ((1, 4, 1, 1000, 1000, 128), 128, True),
+@pytest.mark.parametrize("shape,bs,causal,tps", [
+    ((1, 4, 2, 300, 300, 64), 64, True, 16),
+    ((1, 2, 1, 70, 150, 32), 32, True, 16),
+    ((1, 2, 1, 150, 70, 32), 32, True, 16),      # rows that see no key
+    ((2, 2, 2, 96, 130, 16), 32, False, 16),
+    ((1, 4, 1, 1000, 1000, 128), 128, True, 16),
+    ((1, 4, 1, 1000, 1000, 128), 128, True, 3),  # several key splits
+    ((1, 2, 1, 500, 520, 64), 256, True, 2),     # 244 rows: two row tiles (atomics)
+    ((1, 2, 1, 700, 300, 64), 256, True, 2),     # Sq > Sk: some last-block rows see nothing
+    ((1, 2, 2, 129, 2000, 128), 100, False, 4),  # one row, blocks straddling key tiles
 ])
-def test_proxyattn_budget_score(dtype, shape, bs, causal):
+def test_proxyattn_budget_score(monkeypatch, dtype, shape, bs, causal, tps):
+    mod = _mod()
+    monkeypatch.setattr(mod, "PROXY_BUDGET_TILES_PER_SPLIT", tps)
     B, Hq, Hkv, Sq, Sk, D = shape
     q, k = _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, seed=Sq + Sk)
-    _check("proxyattn_budget_score", (q, k, bs, causal), dtype, _tight(dtype, False),
+    fast = mod.proxyattn_budget_fast_path(dtype, D)
+    assert fast == (dtype == "bfloat16" and D in (64, 128))
+    _check("proxyattn_budget_score", (q, k, bs, causal), dtype, _tight(dtype, fast),
            f"{shape} b{bs} c{int(causal)}")
 
 
@@ -305,8 +327,8 @@ def test_real_sample_all_ops():
         q, k = _cast(q32, dtype), _cast(k32, dtype)
         fast = dtype == "bfloat16"
         _check("nsa_score", (q, k, 32, 16, 64, True), dtype, _tight(dtype, fast), "sample")
-        _check("proxyattn_score", (q, k, 128, 3, 1, True), dtype, _tight(dtype, fast), "sample")
-        _check("proxyattn_budget_score", (q, k, 128, True), dtype, _tight(dtype, False), "sample")
+        _check("proxyattn_score", (q, k, 128, 3, 4, True), dtype, _tight(dtype, fast), "sample")
+        _check("proxyattn_budget_score", (q, k, 128, True), dtype, _tight(dtype, fast), "sample")
         _check("pbs_key_importance", (q, k, 128, 256), dtype, _tight(dtype, fast), "sample")
         kp = np.ascontiguousarray(np.repeat(k, 3, axis=1)[:, :, ::-1])
         _check("pbs_score", (q, kp, 128, 256), dtype, _tight(dtype, False), "sample")
@@ -395,10 +417,12 @@ def test_errors():
         registry.dispatch("nsa_score", "cupy")(q, k, 32, 12, 64, True)
     with pytest.raises(InputError, match="group_size"):
         registry.dispatch("proxyattn_score", "cupy")(q, k, 32, 3, 1, True)
+    with pytest.raises(InputError, match="group_size"):    # not a multiple of the GQA group
+        registry.dispatch("proxyattn_score", "cupy")(q, k, 32, 1, 4, True)
     with pytest.raises(InputError, match="k_perm"):
         registry.dispatch("pbs_score", "cupy")(q, k, 16, 32)
     with pytest.raises(InputError, match="equal"):
         registry.dispatch("pbs_key_importance", "cupy")(q, k[:, :, :50], 16, 32)
     with pytest.raises(InputError, match="out"):
         registry.dispatch("proxyattn_budget_score", "cupy")(q, k, 16, True,
-                                                            out=(np.empty((1, 2, 4, 3)),))
+                                                            out=(np.empty((1, 2, 4, 4)),))
