@@ -8,12 +8,13 @@ Jensen-Shannon distance) the head is *query-aware*: select blocks of the pooled 
 until a fraction ``gamma`` of its mass is covered. Otherwise it is *vertical-slash*: keep
 enough column blocks and diagonal blocks to cover ``gamma`` of the column / diagonal mass.
 
-Official code: bytedance-seed/FlexPrefill (not reachable here). This follows the verbatim
-copies of ``get_active_blocks`` / ``flex_prefill_attention`` in
+Official code: bytedance-seed/FlexPrefill@a4662d13cd4544402c795e2f917e2e8a7e80add7,
+``flex_prefill/ops/flex_prefill_attention.py`` (``get_active_blocks``), read through the
+fork kengchiawu/FlexPrefill, which keeps the upstream history unchanged; checked line by
+line against this module. The same code is copied verbatim in
 microsoft/MInference@fb56c917f618e8645f1cfc37535afd7424d78f0d
-(``minference/modules/flexprefill.py``), identical to mit-han-lab/x-attention
-``xattn/src/Flexprefill.py`` and to the fork kengchiawu/FlexPrefill
-``flex_prefill/ops/flex_prefill_attention.py``.
+(``minference/modules/flexprefill.py``) and mit-han-lab/x-attention
+``xattn/src/Flexprefill.py``.
 
 Rule, per query head (kv head ``h // (Hq/Hkv)``), ``L = Sq = Sk``, ``b = block_size``,
 ``n = ceil(L/b)``, ``Qh = q[L-b:] / sqrt(D)``::
@@ -154,15 +155,22 @@ def cover_count(x: Any, gamma: float) -> Any:
 
 
 def js_distance(p: Any, r: Any) -> Any:
-    """Square root of the Jensen-Shannon divergence (natural log) over the last axis, with
-    ``0 log 0 = 0``: ``sqrt(0.5 KL(p||m) + 0.5 KL(r||m))``, ``m = (p + r) / 2``. NumPy or
+    """Square root of the Jensen-Shannon divergence (natural log) over the last axis, as the
+    official ``js_divergence`` computes it: ``sqrt(0.5 KL(p||m) + 0.5 KL(r||m))``,
+    ``m = (p + r) / 2``, with ``p log(p/m)`` taken literally. So a row with an entry that is
+    zero *at float32* (the official computes these probabilities in fp32, where ``|x| <
+    2**-150`` underflows; ``0 * log 0`` is NaN there) gives NaN, and so does a divergence
+    that rounds below 0; ``NaN < tau`` is false, so such heads are vertical-slash
+    (official ``flex_prefill_attention.py``, ``js_divergence`` and its caller). NumPy or
     CuPy arrays."""
     xp = array_module(p)
     m = (p + r) / 2
     with np.errstate(divide="ignore", invalid="ignore"):
-        kp = xp.where(p > 0, p * xp.log(p / m), 0.0).sum(axis=-1)
-        kr = xp.where(r > 0, r * xp.log(r / m), 0.0).sum(axis=-1)
-    return xp.sqrt(xp.maximum(0.5 * kp + 0.5 * kr, 0.0))
+        kp = (p * xp.log(p / m)).sum(axis=-1)
+        kr = (r * xp.log(r / m)).sum(axis=-1)
+        d = xp.sqrt(0.5 * kp + 0.5 * kr)
+    zero32 = ((p.astype(np.float32) == 0) | (r.astype(np.float32) == 0)).any(axis=-1)
+    return xp.where(zero32, np.nan, d)
 
 
 def _pool(x: Any, b: int) -> Any:
@@ -178,8 +186,8 @@ def _pool(x: Any, b: int) -> Any:
     summary="FlexPrefill: JS-divergence choice per head between vertical-slash blocks "
             "(gamma-coverage budgets) and query-aware blocks (global cumulative gamma)",
     paper="Lai et al., FlexPrefill, ICLR 2025, arXiv:2502.20766",
-    code="microsoft/MInference@fb56c917f618e8645f1cfc37535afd7424d78f0d "
-         "(minference/modules/flexprefill.py, copy of bytedance-seed/FlexPrefill)",
+    code="bytedance-seed/FlexPrefill@a4662d13cd4544402c795e2f917e2e8a7e80add7 "
+         "(flex_prefill/ops/flex_prefill_attention.py; copied in microsoft/MInference)",
     device=True)
 def select(q: np.ndarray, k: np.ndarray, v: Any, params: FlexPrefillParams, *,
            causal: bool = True, backend: str = "numpy") -> Selection:

@@ -146,13 +146,23 @@ QUEST_SCORE = define_op("quest_score", quest_bound, outputs=("bound",), kind="ar
 
 
 def pages_to_keep(visible_keys: np.ndarray, params: QuestParams) -> np.ndarray:
-    """Pages per query row: ``min(max(min_pages, min(n_keys, token_budget) // P), n_pages)``
-    for a cache of ``n_keys`` keys (the official ``token_budget = min(kv_seq_len,
-    token_budget)`` and ``k = min(max(3, token_budget // chunk_size), n_chunks)``)."""
+    """Pages per query row for a cache of ``n_keys`` keys (``n_pages = ceil(n_keys / P)``).
+
+    * Evaluation path (``force_recent=False``): ``min(max(min_pages, min(n_keys,
+      token_budget) // P), n_pages)`` (``evaluation/quest_attention.py``: ``token_budget =
+      min(kv_seq_len, token_budget)``, ``k = min(max(3, token_budget // chunk_size),
+      n_chunks)``).
+    * Kernel path (``force_recent=True``): ``min(max(min_pages, token_budget // P),
+      n_pages)`` (``quest/models/llama.py``: ``page_budget = token_budget // page_size``;
+      ``utils/controller.py``: ``min(page_budget, cur_page_nums)``, dense when the cache
+      has no more pages than that), so a cache of up to ``token_budget`` keys keeps every
+      page, its partial last page included.
+    """
     nk = np.asarray(visible_keys, dtype=np.int64)
     P = int(params.page_size)
     pages = -(-nk // P)
-    budget = np.minimum(nk, int(params.token_budget))
+    tb = int(params.token_budget)
+    budget = np.full_like(nk, tb) if params.force_recent else np.minimum(nk, tb)
     return np.where(nk > 0, np.minimum(np.maximum(int(params.min_pages), budget // P), pages), 0)
 
 

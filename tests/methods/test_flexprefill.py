@@ -72,8 +72,11 @@ def test_cover_count_and_js_distance():
     assert cover_count(np.array([0.2, 0.5, 0.3]), 0.4) == 1
     p = np.array([0.25, 0.25, 0.5])
     assert js_distance(p, p) == 0.0
-    np.testing.assert_allclose(js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0])),
-                               math.sqrt(math.log(2)))
+    # official semantics: a zero entry (here, or one that underflows at float32) -> NaN,
+    # and NaN < tau is false, so the head is vertical-slash
+    assert np.isnan(js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+    assert np.isnan(js_distance(np.array([1.0, 1e-60]), np.array([0.5, 0.5])))
+    assert np.isfinite(js_distance(np.array([1.0, 1e-40]), np.array([0.5, 0.5])))
     r = np.array([0.1, 0.6, 0.3])
     m = (p + r) / 2
     want = math.sqrt(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(r * np.log(r / m)))

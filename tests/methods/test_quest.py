@@ -133,6 +133,22 @@ def test_force_recent_kernel_path_and_page_floor():
     np.testing.assert_array_equal(floor.extras["pages"], [3])
 
 
+def test_kernel_path_keeps_every_page_of_a_cache_within_the_budget():
+    """controller.py: page_budget = token_budget // page_size, dense while the cache has at
+    most that many pages (a partial last page included); the evaluation path counts
+    min(kv_seq_len, token_budget) // P pages instead."""
+    from refattn.methods.quest import QuestParams, pages_to_keep
+    kern = QuestParams(token_budget=1024, page_size=16, force_recent=True, min_pages=1)
+    evl = QuestParams(token_budget=1024, page_size=16)
+    nk = np.array([1, 17, 1023, 1024, 1025, 5000])
+    np.testing.assert_array_equal(pages_to_keep(nk, kern), [1, 2, 64, 64, 64, 64])
+    np.testing.assert_array_equal(pages_to_keep(nk, evl), [1, 2, 63, 64, 64, 64])
+    q, k, _ = synthetic(1, 2, 1, 1023, 32, q_len=1, seed=2)
+    sel = refattn.select(q, k, "quest", token_budget=1024, page_size=16, force_recent=True,
+                         min_pages=1)
+    assert sel.mask.mask.all()                                    # all 64 pages: dense
+
+
 def test_non_causal_sees_every_page():
     q, k, _ = synthetic(1, 2, 1, 96, 16, q_len=3, seed=2)
     sel = refattn.select(q, k, "quest", token_budget=1000, page_size=16, causal=False)
