@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU benchmark of the Numba selection kernels (``refattn/kernels/numba_selection.py``)
+"""CPU benchmark of the Numba selection kernels (``refattn/kernels/numba_selection_*.py``)
 against their NumPy references (``refattn/reference/selection.py``).
 
 Two problem sizes, float32 scores, ``--heads`` heads, causal validity:

@@ -1,4 +1,4 @@
-"""Numba kernels of the generic selection primitives (refattn/kernels/numba_selection.py)
+"""Numba kernels of the generic selection primitives (refattn/kernels/numba_selection_*.py)
 against the reference ops of refattn/reference/selection.py.
 
 The masks must be identical (bit for bit) and the boundaries equal, NaN where the
@@ -108,7 +108,7 @@ def _crossing_taus(s: np.ndarray, ok: np.ndarray, normalize: bool, rng: np.rando
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cumulative_on_exact_crossings(normalize, monkeypatch):
-    from refattn.kernels import numba_selection as nsel
+    from refattn.kernels import numba_selection_threshold as nsel
 
     rechecked = []
     exact = nsel._exact_counts

@@ -173,7 +173,7 @@ def causal_exclude(mask: np.ndarray, q_len: int, k_len: int, block_q: int, block
 
 # ----------------------------------------------------------------- registry ops (2-D canonical)
 # The primitives above broadcast over any leading axes; the ops below fix one canonical
-# signature per rule so that kernels (``refattn/kernels/numba_selection.py``) can be
+# signature per rule so that kernels (``refattn/kernels/numba_selection_*.py``) can be
 # registered against them. Each op only checks shapes and calls the primitive, so the
 # specification stays the code above. Outputs: ``mask`` bool like ``scores`` and
 # ``boundary`` float64 (one per row, or per head for the global rule; ``nan`` where nothing
