@@ -36,7 +36,7 @@ METHODS: dict[str, dict] = {
     "flexprefill": dict(block_size=64),
     "quest": dict(page_size=16, token_budget=256),
     "nsa": dict(topk=6),
-    "proxyattn": dict(block_size=64, gamma=0.9),
+    "proxyattn": dict(block_size=64, gamma=0.9, min_budget=1),   # 2048 tokens = everything here
 }
 # scoring ops each method dispatches (all must have a numba kernel for backend="numba")
 OPS = {"moba": ("moba_score",), "flashmoba": ("moba_score",), "xattention": ("xattention_score",),
@@ -75,8 +75,8 @@ def test_selection_matches_reference(method, source):
     rep = compare_masks(ref, got.mask, TOL)
     assert rep.ok, rep.summary()
     # a selection that keeps everything or nothing would make this test vacuous
-    frac = ref.mask.mask.mean()
-    assert 0.0 < frac < 1.0, f"{method}: degenerate selection ({frac:.2f} of blocks)"
+    frac = float(np.mean(ref.mask.density()))            # of the causally legal blocks
+    assert 0.0 < frac < 0.95, f"{method}: degenerate selection ({frac:.2f} of legal blocks)"
     # the near-tie escape must stay an exception, not the rule
     assert rep.stats["near_ties"] <= max(2, 1e-3 * ref.mask.mask.size), rep.summary()
 
