@@ -15,17 +15,20 @@ Rule, per query head ``h`` (kv head ``h // (Hq/Hkv)``), query tile ``m``, key ti
 * score ``Mx[m, n] = max_{i in tile m, j in tile n} scale * q_i . k_j`` (raw scaled logits,
   no softmax, no causal mask inside the max); op ``bsfa_score(..., causal=True)`` computes
   only the causally reachable tiles (the others are ``-inf``), as the kernel does;
-* ``n_max(m)`` = number of key tiles up to the one holding the last key visible to the last
-  query of tile ``m`` (bottom-right causal; ``2m + 2`` in prefill). The last
-  ``ceil(block_q / block_k) = 2`` of them are the kernel's "masking steps": always computed
-  (the 128x128 diagonal square, dense with the token causal mask);
-* every other tile ``n < n_max(m) - 2`` is kept iff ``Mx[m, n] >= tau[h, min(m, maxb - 1)]``
-  (the kernel skips on strict ``<``); tiles ``n >= n_max(m)`` are causally illegal.
+* ``n_max(m)`` = number of key tiles the kernel walks for query tile ``m`` (``2m + 2`` in
+  prefill). Its last ``n_masking_steps`` tiles are always computed (dense with the token
+  causal mask): ``ceil(block_q / block_k) = 2`` (the 128x128 diagonal square) when
+  FlashAttention-2's ``Is_even_MN`` holds (padded ``Sk`` a multiple of ``block_k`` and
+  ``D`` in {32, 64, 96, 128}), 3 otherwise, 1 (the last key tile) without ``causal``;
+* every earlier tile is kept iff ``Mx[m, n] >= tau[h, min(m, maxb - 1)]`` (the kernel skips
+  on strict ``<``); tiles ``n >= n_max(m)`` are causally illegal.
 
-Partial last tile: the official interface pads q, k, v to a multiple of 128 by repeating
-the last token. Repeated rows/keys never change a maximum over tiles that hold a real row
-and a real key, so scoring the real tokens only (as done here) mirrors it exactly on the
-``ceil(L/128) x ceil(L/64)`` grid; tiles that hold padding only are not on this grid.
+Partial last tile: the official interface pads q, k, v by ``-Sq % 128`` copies of their last
+token (the same amount for both, so ``Sk - Sq`` is kept). Repeated rows/keys never change a
+maximum over tiles that hold a real row and a real key, so scoring the real tokens only (as
+done here) gives the same maxima on the ``ceil(Sq/128) x ceil(Sk/64)`` grid; but ``n_max``
+counts the padded tiles, so when ``Sq % 128`` is in 1..64 the last query tile's forced pair
+is its real diagonal tile and a padding-only tile (:func:`tile_layout`).
 
 Thresholds: ``bsfa_calibrate`` reproduces ``thresholds/calibrate.py``: per example, head and
 query tile, the midpoint between the k-th and (k+1)-th largest off-diagonal tile maxima
@@ -44,7 +47,6 @@ from ..core.layout import array_module, normalize_qkv
 from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from ..reference.selection import diagonal_blocks
 from .base import check_range, register_method
 
 CODE = "Danielohayon/Block-Sparse-Flash-Attention@c3ee81e15c0a0609fe1dfc298d3c29b0f3f2a8a9"
@@ -149,25 +151,47 @@ SCORE_OP = define_op("bsfa_score", bsfa_block_max, outputs=("block_max",), kind=
 
 
 # ------------------------------------------------------------------ geometry
-def tile_layout(q_len: int, k_len: int, block_q: int, block_k: int,
-                causal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(gated, forced)``, bool ``[Qb, Kb]`` each.
+def tile_layout(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
+                head_dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """``(gated, forced)``, bool ``[Qb, Kb]`` each, as the official kernel decides them.
 
-    Causal: ``forced`` = the last ``ceil(block_q/block_k)`` causally reachable key tiles of
-    each query tile (the kernel's masking steps), ``gated`` = the reachable tiles before
-    them. Non-causal: every tile is gated and none is forced (FA2 takes no masking step on
-    padded, even lengths; an extrapolation, the official setting is causal prefill).
+    The official interface pads q, k and v with copies of their last token by
+    ``pad = -q_len % block_q`` each (``flash_attn_interface.py``), so ``Sk - Sq`` is kept,
+    and FlashAttention-2's loop (``flash_fwd_kernel.h``) walks the padded key tiles
+    ``n < n_max(m)``, ``n_max(m) = min(ceil(kp / block_k), ceil(((m + 1) block_q + kp - qp)
+    / block_k))`` causal, ``ceil(kp / block_k)`` otherwise (``qp, kp`` the padded lengths).
+    Its last ``n_masking_steps`` tiles are computed without the threshold test (forced):
+    ``ceil(block_q / block_k)`` causal when ``Is_even_MN`` (``kp % block_k == 0`` and
+    ``head_dim`` in {32, 64, 96, 128}), one more otherwise; 1 (the last key tile) when not
+    causal. Earlier tiles are gated. Padding-only tiles do not exist here, and only
+    causally legal tiles are kept in either set.
     """
     qb, kb = num_blocks(q_len, block_q), num_blocks(k_len, block_k)
-    if not causal:
-        return np.ones((qb, kb), bool), np.zeros((qb, kb), bool)
-    n_max = diagonal_blocks(q_len, k_len, block_q, block_k) + 1                    # [Qb]
-    steps = -(-block_q // block_k)
+    pad = -q_len % block_q
+    qp, kp = q_len + pad, k_len + pad
+    nk_pad = -(-kp // block_k)
+    if causal:
+        even = kp % block_k == 0 and head_dim in (32, 64, 96, 128)
+        steps = -(-block_q // block_k) + (0 if even else 1)
+        m = np.arange(qb)
+        n_max = np.minimum(nk_pad, -(-((m + 1) * block_q + kp - qp) // block_k))     # [Qb]
+    else:
+        steps = 1
+        n_max = np.full(qb, nk_pad)
     n = np.arange(kb)[None, :]
-    legal = legal_blocks(q_len, k_len, block_q, block_k, True)
+    legal = legal_blocks(q_len, k_len, block_q, block_k, causal)
     forced = (n < n_max[:, None]) & (n >= n_max[:, None] - steps) & legal
     gated = (n < n_max[:, None] - steps) & legal
     return gated, forced
+
+
+def calibration_tiles(length: int, block_q: int, block_k: int) -> np.ndarray:
+    """The tiles ``thresholds/calibrate.py`` ranks, bool ``[Qb, Kb]`` (prefill,
+    ``Sq == Sk == length``): ``V_m = {n < (m block_q) // block_k}``, the key tiles before
+    query tile ``m``'s first row (``n < 2m`` at 128 x 64), whatever the kernel forces."""
+    qb, kb = num_blocks(length, block_q), num_blocks(length, block_k)
+    first = (np.arange(qb) * block_q) // block_k
+    return np.arange(kb)[None, :] < first[:, None]
 
 
 def _expand_threshold(t: np.ndarray, heads: int, qb: int) -> np.ndarray:
@@ -186,20 +210,27 @@ def _expand_threshold(t: np.ndarray, heads: int, qb: int) -> np.ndarray:
 def example_thresholds(mx: Any, gated: np.ndarray, k: int) -> Any:
     """Per-example thresholds ``[B, H, Qb]`` from tile maxima ``mx [B, H, Qb, Kb]``.
 
-    Row ``m``: ``-inf`` if it has at most ``k`` gated (off-diagonal) tiles, else the
-    midpoint of the k-th and (k+1)-th largest gated maxima (``+inf`` for ``k = 0``).
-    ``gated`` is the host ``[Qb, Kb]`` geometry; ``mx`` may be a device array, and so is
-    the result then (one sort of the rows, no loop over the query tiles).
+    Row ``m``: ``-inf`` if it has at most ``k`` gated tiles, else the midpoint of the k-th
+    and (k+1)-th largest gated maxima (``calibrate.py``: ``(sorted[k-1] + sorted[k]) / 2``,
+    descending; for ``k = 0`` that index ``-1`` is the smallest, so the midpoint of the
+    largest and smallest). ``gated`` is the host ``[Qb, Kb]`` geometry
+    (:func:`calibration_tiles`); ``mx`` may be a device array, and so is the result then
+    (one sort of the rows, no loop over the query tiles).
     """
     xp = array_module(mx)
     k = int(k)
-    have = xp.asarray(gated.sum(axis=-1) > k)                              # [Qb]
-    if k == 0 or k >= mx.shape[-1]:   # +inf where any gated tile exists; no row has > k
-        return xp.broadcast_to(xp.where(have, np.inf, -np.inf), mx.shape[:3]).copy()
-    # the k+1 largest gated maxima of every row: non-gated tiles become -inf, which a row
-    # with more than k gated tiles never reaches, so these are the gated tiles' values
-    srt = -xp.sort(-xp.where(xp.asarray(gated), mx, -np.inf), axis=-1)    # descending
-    mid = (0.5 * (srt[..., k - 1] + srt[..., k])).astype(np.float64)     # in mx's dtype
+    n_gated = gated.sum(axis=-1)                                             # [Qb] host
+    have = xp.asarray(n_gated > k)
+    if k >= mx.shape[-1]:             # no row has more than k tiles
+        return xp.broadcast_to(xp.asarray(-np.inf), mx.shape[:3]).copy()
+    # gated maxima of every row, descending; non-gated tiles become -inf and come last
+    srt = -xp.sort(-xp.where(xp.asarray(gated), mx, -np.inf), axis=-1)
+    if k == 0:                        # sorted[-1] of the gated values: the row's smallest
+        last = xp.asarray(np.maximum(n_gated - 1, 0))[None, None, :, None]
+        low = xp.take_along_axis(srt, xp.broadcast_to(last, srt.shape[:3] + (1,)), -1)[..., 0]
+        mid = (0.5 * (srt[..., 0] + low)).astype(np.float64)
+    else:
+        mid = (0.5 * (srt[..., k - 1] + srt[..., k])).astype(np.float64)   # in mx's dtype
     return xp.where(have, mid, -np.inf)
 
 
@@ -209,10 +240,11 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
 
     ``samples``: an iterable of ``(q, k)`` pairs (or ``(q, k, v)``), q ``[B, Hq, S, D]`` in
     ``layout``; every batch element is one calibration example (causal prefill,
-    ``Sq == Sk``). For each example, head and query tile ``m`` with off-diagonal tiles
-    ``V_m = {n < n_max(m) - 2}`` (``n < 2m`` in prefill): threshold ``= -inf`` if
-    ``|V_m| <= k``, else the midpoint ``(v_(k) + v_(k+1)) / 2`` of the k-th and (k+1)-th
-    largest maxima. Thresholds are averaged over the examples that reach tile ``m``;
+    ``Sq == Sk``). For each example, head and query tile ``m`` with
+    ``V_m = {n < (m block_q) // block_k}`` (``n < 2m`` at 128 x 64;
+    :func:`calibration_tiles`): threshold ``= -inf`` if ``|V_m| <= k``, else the midpoint
+    ``(v_(k) + v_(k+1)) / 2`` of the k-th and (k+1)-th largest maxima (``k = 0``: of the
+    largest and the smallest, as ``sorted[k-1]`` reads index -1). Thresholds are averaged over the examples that reach tile ``m``;
     ``maxb`` is the number of query tiles of the longest example.
     """
     check_range("k", k, 0, integer=True)
@@ -230,8 +262,8 @@ def bsfa_calibrate(samples: Iterable[Any], k: int, *, block_q: int = 128, block_
         scale = 1.0 / np.sqrt(shape.head_dim) if softmax_scale is None else float(softmax_scale)
         # only off-diagonal causal tiles are read: the causal op skips the others
         (mx,) = dispatch(SCORE_OP.name, "numpy")(q4, k4, block_q, block_k, scale, True)
-        gated, _ = tile_layout(shape.q_len, shape.k_len, block_q, block_k, True)
-        per_example.extend(example_thresholds(mx, gated, int(k)))
+        cal = calibration_tiles(shape.q_len, block_q, block_k)
+        per_example.extend(example_thresholds(mx, cal, int(k)))
     if not per_example:
         raise InputError("samples: expected at least one (q, k) example, got none")
     heads, maxb = per_example[0].shape[0], max(t.shape[1] for t in per_example)
@@ -270,10 +302,10 @@ def select(q: np.ndarray, k: np.ndarray, v: Any, params: BSFAParams, *, causal: 
         if not causal or Sq != Sk:
             raise InputError("threshold: self-calibration (threshold=None) needs causal prefill "
                              "(q_len == k_len); pass explicit thresholds")
-    gated, forced = tile_layout(Sq, Sk, bq, bk, causal)
+    gated, forced = tile_layout(Sq, Sk, bq, bk, causal, D)
     xp = array_module(mx)     # device scores (backend "cupy"): everything stays there
     if calibrated:                    # each batch element calibrated on itself
-        thr = example_thresholds(mx, gated, int(p.topk))                        # [B, Hq, Qb]
+        thr = example_thresholds(mx, calibration_tiles(Sq, bq, bk), int(p.topk))  # [B,Hq,Qb]
     else:                             # the parameter goes where the scores live
         thr = xp.asarray(np.broadcast_to(
             _expand_threshold(_threshold_array(p.threshold), Hq, qb), (B, Hq, qb)).copy())

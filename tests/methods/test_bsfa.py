@@ -106,7 +106,21 @@ def test_minus_inf_keeps_everything_and_attention_is_dense():
                                refattn.attention(q, k, v, causal=True), atol=1e-12)
 
 
-@pytest.mark.parametrize("topk", [0, 1, 3])
+def test_calibration_k0_is_the_midpoint_of_max_and_min():
+    """calibrate.py: (sorted[k-1] + sorted[k]) / 2 descending; k = 0 reads sorted[-1]."""
+    from refattn.methods.bsfa import calibration_tiles
+    q, k, _ = synthetic(1, 2, 1, 700, 32, seed=4)
+    thr = bsfa_calibrate([(q, k)], 0, block_q=64, block_k=32)
+    (mx,) = bsfa_block_max(q, k, 64, 32, 1 / np.sqrt(32), True)
+    cal = calibration_tiles(700, 64, 32)
+    for h in range(2):
+        for m in range(11):
+            vals = mx[0, h, m][cal[m]]
+            want = 0.5 * (vals.max() + vals.min()) if len(vals) else -np.inf
+            assert thr[h, m] == want
+
+
+@pytest.mark.parametrize("topk", [1, 3])
 def test_calibration_keeps_k_per_row_on_its_sample(topk):
     q, k, v = synthetic(1, 3, 1, 700, 32, seed=topk)
     thr = bsfa_calibrate([(q, k)], topk, block_q=64, block_k=32)
@@ -115,8 +129,7 @@ def test_calibration_keeps_k_per_row_on_its_sample(topk):
     gated, _ = tile_layout(700, 700, 64, 32, True)
     kept = (sel.mask.mask & gated).sum(-1)[0]                        # [H, Qb]
     n_gated = gated.sum(-1)
-    np.testing.assert_array_equal(kept, np.broadcast_to(np.minimum(n_gated, topk)
-                                                        if topk else 0 * n_gated, kept.shape))
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.minimum(n_gated, topk), kept.shape))
     assert np.isneginf(thr[:, n_gated <= topk]).all()
     # self-calibration (threshold=None) is the same rule
     auto = refattn.select(q, k, "bsfa", block_q=64, block_k=32, topk=topk)
@@ -223,3 +236,36 @@ def test_bad_calibration_samples():
         bsfa_calibrate([q], 4)
     with pytest.raises(InputError, match="k"):
         bsfa_calibrate([(q, k)], -1)
+
+
+def test_tile_layout_follows_the_padded_fa2_loop():
+    """flash_attn_interface.py pads q, k, v by -Sq % 128 copies of the last token and FA2
+    walks the padded key tiles; its last n_masking_steps tiles skip the threshold test."""
+    # S = 1030: the last query tile's forced pair is (16, 17), and 17 is padding only
+    gated, forced = tile_layout(1030, 1030, 128, 64, True)
+    assert np.flatnonzero(forced[8]).tolist() == [16] and gated[8, 15]
+    for m in range(8):
+        assert np.flatnonzero(forced[m]).tolist() == [2 * m, 2 * m + 1]
+        assert np.flatnonzero(gated[m]).tolist() == list(range(2 * m))
+    # a head dim that is not 32/64/96/128: Is_even_MN is false, one more masking step
+    gated, forced = tile_layout(1024, 1024, 128, 64, True, head_dim=80)
+    assert forced.sum(-1).tolist() == [2] + [3] * 7 and not (gated & forced).any()
+    assert np.flatnonzero(forced[5]).tolist() == [9, 10, 11]
+    # not causal: one masking step, the last (padded) key tile
+    gated, forced = tile_layout(1000, 1000, 128, 64, False)
+    assert forced[:, 15].all() and forced.sum() == 8 and gated[:, :15].all()
+    gated, forced = tile_layout(1030, 1030, 128, 64, False)   # that tile is padding only
+    assert not forced.any() and gated.all()
+    # Sq != Sk keeps the bottom-right offset (q and k get the same padding, 12 here); the
+    # padded Sk = 1012 is not a multiple of 64, so Is_even_MN is false: 3 masking steps
+    gated, forced = tile_layout(500, 1000, 128, 64, True)
+    assert np.flatnonzero(forced[3]).tolist() == [13, 14, 15]
+    assert np.flatnonzero(forced[0]).tolist() == [7, 8, 9]
+    gated, forced = tile_layout(500, 1012, 128, 64, True)       # padded Sk 1024: even
+    assert np.flatnonzero(forced[0]).tolist() == [8, 9]
+
+
+def test_forced_tiles_depend_on_head_dim_through_select():
+    q, k, v = synthetic(1, 2, 1, 512, 80, seed=3)
+    sel = refattn.select(q, k, "bsfa", topk=1)
+    assert sel.forced[0, 0].sum(-1).tolist() == [2, 3, 3, 3]
