@@ -171,6 +171,8 @@ def search_windows(q: Any, k: Any, v: Any, candidates: Sequence[Sequence[int]], 
     for c, wc in enumerate(cands):
         m, _, _ = sta_token_mask(g, tile, wc)
         o, _ = attention_forward(q4, k4, v4, m, False, scale)
-        err[:, c] = ((o - o_full) ** 2).mean(axis=(0, 2, 3))
+        # per prompt and head, rounded to 6 decimals as the official search does
+        # (``round(float(x), 6)``, sliding_tile_attn.py), then averaged over the prompts
+        err[:, c] = np.round(((o - o_full) ** 2).mean(axis=(2, 3)), 6).mean(axis=0)
     choice = np.argmin(err, axis=1)
     return {"windows": np.asarray(cands, np.int64)[choice], "errors": err, "choice": choice}
