@@ -250,10 +250,18 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SpargeAtt
     thr = per_head(p.simthreshd1, Hq, "simthreshd1")
     tau = None if p.cdfthreshd is None else per_head(p.cdfthreshd, Hq, "cdfthreshd")
     topk = None if p.topk is None else per_head(p.topk, Hq, "topk")
+    # the official entry point casts fp32 (and fp16) q/k to fp16, so everything downstream,
+    # the pooled means included, is fp16 for float32 inputs (core.py, spas_sage2_attn_*)
+    if q.dtype == np.float32 or k.dtype == np.float32:
+        q = q.astype(np.float16).astype(np.float32)          # fp16 values, fp32 storage
+        k = k.astype(np.float16).astype(np.float32)
+        work_q = work_k = np.float16
+    else:
+        work_q, work_k = q.dtype, k.dtype
     pool = dispatch(SPARGE_POOL.name, backend, (q, k))
     pq, sim_q = (np.asarray(a, np.float64) for a in pool(q, bq, False))
     pk, sim_k = (np.asarray(a, np.float64) for a in pool(k, bk, bool(p.smooth_k)))
-    pq, pk = _as_input_dtype(pq, q.dtype), _as_input_dtype(pk, k.dtype)
+    pq, pk = _as_input_dtype(pq, work_q), _as_input_dtype(pk, work_k)
     G = Hq // k.shape[1]
     q_ok = sim_q > thr[None, :, None]                                   # [B, Hq, Qb]
     k_ok = sim_k[:, np.arange(Hq) // G] > thr[None, :, None]            # [B, Hq, Kb]

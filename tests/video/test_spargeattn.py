@@ -168,3 +168,17 @@ def test_grid_only_checks_length():
     b = refattn.select(q, k, "spargeattn", causal=False, block_q=16, block_k=16, simthreshd1=0.1,
                        grid=(2, 4, 4), text_tokens=32)
     assert a.mask == b.mask
+
+
+def test_float32_inputs_run_in_fp16_as_the_official_entry_point():
+    """core.py casts fp32 q/k to fp16 before pooling: a float32 input selects exactly what
+    its fp16 rounding selects, and the pooled means are fp16 values."""
+    rng = np.random.default_rng(7)
+    q = (rng.standard_normal((1, 2, 512, 64)) * 3).astype(np.float32)
+    k = (rng.standard_normal((1, 2, 512, 64)) * 3).astype(np.float32)
+    sel = refattn.select(q, k, "spargeattn", simthreshd1=-1.0, cdfthreshd=0.9)
+    half = refattn.select(q.astype(np.float16), k.astype(np.float16), "spargeattn",
+                          simthreshd1=-1.0, cdfthreshd=0.9)
+    np.testing.assert_array_equal(sel.mask.mask, half.mask.mask)
+    pq = np.asarray(sel.extras["pooled_q"])
+    np.testing.assert_array_equal(pq, pq.astype(np.float16).astype(np.float64))
