@@ -103,8 +103,14 @@ def focus_keep(delta: Any, positions: Any, *, avg_dec: float = 1.0, alpha: float
     if not info["evict"]:
         info["keep"] = np.ones(L, bool)
         return info
-    thr = d.mean() + d.std()
-    cand = d >= thr
+    # mean + population std in float32, as the official Triton kernel (focus.py:
+    # ``mean = tl.sum(..) / denom``, ``threshold = mean + std``); only the summation order
+    # differs, which matters only for scores tied at the threshold
+    d32 = d.astype(np.float32)
+    mean = np.float32(d32.sum(dtype=np.float32) / np.float32(L))
+    var = np.float32(((d32 - mean) ** 2).sum(dtype=np.float32) / np.float32(L))
+    thr = np.float32(mean + np.sqrt(var))
+    cand = d32 >= thr
     info["threshold"] = float(thr)
     if cand.sum() >= K:
         keep, info["used_threshold"] = cand, True
