@@ -15,6 +15,15 @@ from .reference.selection import force_local, force_sink
 
 DEMO_BUDGET_S = 40.0  # the demo skips remaining methods after this much time
 DEMO_VIDEO_GRID = (6, 16, 16)  # divisible by every video method's official tiles
+# Defaults sized for long contexts or D = 128 select everything (or warn) on the 2048-token,
+# D = 64 sample, which shows nothing; these overrides are printed with the results.
+DEMO_PARAMS: dict[str, dict[str, Any]] = {
+    "bsfa": {"topk": 6},                                   # 64 tiles per row by default
+    "minference": {"vertical_size": 200, "slash_size": 300},   # 1000 + 6096, for 128k
+    "prism": {"high_freq_dim": 32, "low_freq_dim": 48},    # bands 64 / 96 are for D = 128
+    "proxyattn": {"min_budget": 1},                        # 2048-token minimum budget
+    "quest": {"token_budget": 512},                        # 1024 tokens by default
+}
 
 
 def add_demo_command(group: click.Group, helpers: Any) -> None:
@@ -26,7 +35,8 @@ def add_demo_command(group: click.Group, helpers: Any) -> None:
     @click.option("--json", "as_json", is_flag=True)
     def demo(as_json: bool) -> None:
         """Sparse attention on the real sample shipped with refattn (Qwen2.5-Coder-0.5B, layer
-        12): simple masks and every llm-prefill method at its defaults, against dense."""
+        12): simple masks and every llm-prefill method (at its defaults, except the few
+        sized for long contexts, which are printed), against dense."""
         from .data import sample
         from .methods import list_methods
 
@@ -40,7 +50,8 @@ def add_demo_command(group: click.Group, helpers: Any) -> None:
         extra = {"dense-causal": full, "sink+local(1+3 blocks)": sink_local,
                  "random@sink+local": baseline_masks(sink_local, q.shape[1], 1, causal, seed=0)["random"]}
         names = list(list_methods("llm-prefill"))
-        rows, skipped = evaluate_methods(q, k, v, names, {}, causal, scale, per_head=False, seed=0,
+        rows, skipped = evaluate_methods(q, k, v, names, DEMO_PARAMS, causal, scale,
+                                          per_head=False, seed=0,
                                           baselines=False, budget_s=DEMO_BUDGET_S,
                                           catch=(Exception,), extra=extra, wrap=_warn)
         info_ = {"model": meta.get("model"), "licence": meta.get("model_licence"),
@@ -55,7 +66,8 @@ def add_demo_command(group: click.Group, helpers: Any) -> None:
                                            budget_s=DEMO_BUDGET_S, catch=(Exception,), wrap=_warn)
         vrows = [r for r in vrows if not r["method"].startswith("causal-window@")]
         if as_json:
-            _echo_json({"sample": info_, "results": rows, "skipped": skipped,
+            _echo_json({"sample": info_, "params": DEMO_PARAMS, "results": rows,
+                        "skipped": skipped,
                         "video": {"grid": list(vgrid), "results": vrows, "skipped": vskipped}})
             return
         click.echo(f"refattn {__version__} demo: real attention inputs shipped with the package")
@@ -65,7 +77,10 @@ def add_demo_command(group: click.Group, helpers: Any) -> None:
         click.echo(f"  text   {info_['text']}")
         click.echo(f"  q {_shape(q)}  k/v {_shape(k)} (bhsd), causal, scale {scale:g}")
         click.echo("  recall = share of the exact softmax mass kept; rel.err = ||O - O_dense|| / "
-                   "||O_dense||; random@X = random blocks with X's per-row budget\n")
+                   "||O_dense||; random@X = random blocks with X's per-row budget")
+        over = "; ".join(f"{m} " + ", ".join(f"{n}={x}" for n, x in p.items())
+                         for m, p in DEMO_PARAMS.items())
+        click.echo(f"  methods at their defaults, except (sized for long contexts): {over}\n")
         _print_rows(rows, skipped, by_head=True)
         click.echo(f"\nvideo example: synthetic q/k/v on a {vgrid[0]}x{vgrid[1]}x{vgrid[2]} token grid "
                    "(refattn.data.video.synthetic_video: spatial, temporal and 3-D local heads), "
