@@ -4,8 +4,8 @@ Each generator yields ``{"label", "args", "dtype"}`` with the positional argumen
 reference op; ``tests/test_registry.py`` runs every registered kernel of the op on them with
 NaN-poisoned outputs. Inputs are structured (sinks, local diagonal, stripes, RoPE) so that
 the masses, errors and similarities are far from uniform, plus adversarial edges: partial
-blocks, rows that see no key (``lse = -inf``), stale cached LSE, empty mask rows, zero rows,
-GQA, bf16 and fp16 inputs.
+blocks, rows that see no key (``lse = -inf``; SVG: NaN MSE), stale cached LSE, empty mask
+rows, zero rows, GQA, bf16 and fp16 inputs.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def _svg_cases(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         rows = rng.integers(0, L, size=R).astype(np.int64)
         band = np.abs(rows[:, None] - np.arange(L)[None, :]) < L // 5
         masks = np.stack([band, rng.random((R, L)) < 0.3, np.ones((R, L), bool)])
-        masks[1, 0] = False                        # a row that sees no key: output 0
+        # a sampled row that sees no key: mask 1's MSE is NaN (first or last sampled row)
+        masks[1, R - 1 if label == "gqa" else 0] = False
         yield {"label": label, "args": (q, k, v, rows, masks, 1.0 / np.sqrt(D)), "dtype": dt}
 
 

@@ -9,7 +9,9 @@ preallocated outputs that it fills completely) and is registered against that op
   single-threaded while the kernel runs), then the exponentials summed per key block.
 * ``svg_masked_row_mse`` (:func:`refattn.video.svg.svg_masked_row_mse`): one task per
   (batch, head); the sampled rows' logits by ``np.dot``, then the golden and every masked
-  softmax output (each with its own row maximum) and their squared error.
+  softmax output (each with its own row maximum) and their squared error. A sampled row with
+  no visible key under a mask makes that mask's MSE NaN, as the reference (the official
+  all-``-inf`` softmax; the op is defined with ``equal_nan=True``).
 * ``spargeattn_pool`` (:func:`refattn.video.spargeattn.spargeattn_pool`): one task per
   (batch, head, block); the mean pairwise cosine uses the identity
   ``(1/n^2) sum_{a,b} cos(x_a, x_b) = |sum_a x_a/|x_a||^2 / n^2`` (O(n D) instead of the
@@ -20,9 +22,9 @@ preallocated outputs that it fills completely) and is registered against that op
 Numerics: inputs are converted once to float64 and all arithmetic is float64 (these are
 scoring passes whose outputs feed rankings and argmins; float64 keeps the kernels within the
 tolerance rule of ``refattn.check`` even for small MSEs). ``-inf`` never enters the
-arithmetic: masked entries are skipped by branch, a row with no allowed entry is written 0,
-and the "unmeasurable" similarity is written as ``-inf`` by assignment. Shapes, GQA mapping and
-edge cases are those of the references.
+arithmetic: masked entries are skipped by branch, a row with no allowed entry is written 0
+(SVG: its mask's MSE is written NaN), and the "unmeasurable" similarity is written as
+``-inf`` by assignment. Shapes, GQA mapping and edge cases are those of the references.
 """
 from __future__ import annotations
 
@@ -168,17 +170,19 @@ def _svg_kernel(q, kT, v, rows, masks, scale, mse):
                 for j in range(L):
                     if masks[m, r, j] and s[r, j] > mm:
                         mm = s[r, j]
+                if mm == -np.inf:                 # no visible key: NaN output -> NaN MSE
+                    err[m] = np.nan
+                    continue
                 o[:] = 0.0
-                if mm > -np.inf:
-                    dm = 0.0
-                    for j in range(L):
-                        if masks[m, r, j]:
-                            e = math.exp((s[r, j] - mm) * scale)
-                            dm += e
-                            for d in range(Dv):
-                                o[d] += e * v[b, g, j, d]
-                    for d in range(Dv):
-                        o[d] /= dm
+                dm = 0.0
+                for j in range(L):
+                    if masks[m, r, j]:
+                        e = math.exp((s[r, j] - mm) * scale)
+                        dm += e
+                        for d in range(Dv):
+                            o[d] += e * v[b, g, j, d]
+                for d in range(Dv):
+                    o[d] /= dm
                 acc = 0.0
                 for d in range(Dv):
                     acc += (o[d] - gold[d]) ** 2

@@ -6,31 +6,41 @@ svg-project/Sparse-VideoGen @ 5ce7b0127c0d44383ee8b9e5512431feb625f621 --
 ``svg/models/hyvideo/attention.py`` (``Hunyuan_SVGAttn_Processor2_0.sample_mse``,
 ``attention_core_logic``, ``prepare_flexattention``), ``svg/models/hyvideo/utils.py``
 (``get_attention_mask``, ``generate_temporal_head_mask_mod``, ``sparsity_to_width``),
-``svg/models/hyvideo/placement.py``; the CogVideoX variant ``svg/models/cog/`` for text first.
+``svg/models/hyvideo/placement.py``; the CogVideoX variant ``svg/models/cog/`` (text first)
+and the Wan variant ``svg/models/wan/`` (no text: ``context_length = 0``).
 
 Sequence: ``N_v = F * fs`` video tokens in frame-major order (``fs`` = tokens per frame,
 :class:`~refattn.core.video_grid.VideoGrid`), plus ``ctx`` text tokens last (HunyuanVideo,
-of which the first ``prompt_length`` are real and the rest padding) or first (CogVideoX).
-The *temporal* reorder maps video token ``f*fs + p`` to position ``p*F + f`` (token-major);
-text tokens stay in place.
+of which the first ``prompt_length`` are real and the rest padding) or first (CogVideoX), or
+none (Wan). The *temporal* reorder maps video token ``f*fs + p`` to position ``p*F + f``
+(token-major); text tokens stay in place. ``variant`` picks the official rule set:
+``"hunyuan"`` (text last), ``"cog"`` (text first), ``"wan"`` (``ctx = 0``); by default
+``"wan"`` when ``text_tokens == 0``, else ``"cog"``/``"hunyuan"`` from ``text_position``.
 
 1. Profiling (``sample_mse``). Rows ``r`` (sampled, an input; default: ``num_sampled_rows``
    uniform draws with replacement from ``[0, min(sample_max_row, L))``, seeded). With
    ``o = softmax(s q_r K^T) V`` over all keys (golden) and ``o_m`` the same with keys outside
-   profiling mask ``m`` removed, ``MSE[b,h,m] = mean_{r,d} (o_m - o)^2``. Head class
-   ``argmin_m MSE`` (ties: spatial, as ``torch.argmin``).
+   profiling mask ``m`` removed, ``MSE[b,h,m] = mean_{r,d} (o_m - o)^2``; a sampled row that
+   sees no key under ``m`` makes ``MSE[b,h,m]`` NaN (the official all-``-inf`` softmax).
+   Head class ``torch.argmin`` over ``m``: the first NaN if any, else the first minimum
+   (ties: spatial).
 2. Profiling masks (``get_attention_mask``, independent of the sparsity setting): a band of
-   ``pb = 128``-token blocks, ``|i_blk - j_blk| < floor(1.5 fs / pb)`` over frame-major video
-   indices (spatial) or over token-major indices mapped back (temporal); all text rows and
-   columns (padding included) on. CogVideoX's spatial mask lays its band on *absolute*
-   positions ``[0, ceil(N_v/pb) * pb)`` (text first), so the last ``ctx`` video tokens get
-   no band there -- reproduced for ``text_position="first"``.
+   ``pb = 128``-token blocks, ``|i_blk - j_blk| < (pw fs) // pb`` over frame-major video
+   indices (spatial) or over token-major indices mapped back (temporal), ``pw = 1.5``
+   (hunyuan, cog) or ``2`` (wan). Hunyuan: all text rows and columns (padding included) on in
+   both. CogVideoX: the spatial mask has all text rows and columns on and lays its band on
+   *absolute* positions ``[0, ceil(N_v/pb) * pb)``, so the last ``ctx`` video tokens get no
+   band there; the temporal mask is the video-video band only (text rows see no key: NaN
+   MSE). Wan: key columns ``< fs`` on, applied before the permute, i.e. key ``c`` with
+   (frame-major, spatial) ``c < fs`` or (temporal) token-major position ``tm(c) < fs``.
 3. Execution (``generate_temporal_head_mask_mod`` in the head's own order, temporal heads
-   permuted): ``|q - kv| < W`` with ``W = floor(w fs / 128) * 128`` and
-   ``w = sparsity_to_width(sparsity)`` = ``N (1 - sqrt(1 - s')) / fs``,
-   ``s' = (s N^2 - 2 N ctx) / N^2``, ``N = N_v + ctx`` (``sparsity`` is the kept fraction);
-   OR key in real text OR query in real text. Text last: padded text queries see only padded
-   text keys and real queries never see padding. Text first: all ``ctx`` tokens are text.
+   permuted): ``w = sparsity_to_width(sparsity)`` = ``N (1 - sqrt(1 - s')) / fs``,
+   ``s' = (s N^2 - 2 N ctx) / N^2``, ``N = N_v + ctx`` (``sparsity`` is the kept fraction).
+   Hunyuan / cog: ``|q - kv| < W``, ``W = floor(w fs / 128) * 128``, OR key in real text OR
+   query in real text (text last: padded text queries see only padded text keys and real
+   queries never see padding; text first: all ``ctx`` tokens are text). Wan:
+   ``|q - kv| <= W``, ``W = ceil(w fs / 128) * 128``, OR ``kv < fs`` (positions in the
+   head's own order).
 
 The result is a token-level :class:`SVGTokenMask` (``extras["token_mask"]``), which
 ``refattn.attention`` runs exactly as FlexAttention's ``mask_mod`` does; ``mask`` is the
@@ -55,6 +65,8 @@ PAPER = ("Xi et al., Sparse VideoGen: Accelerating Video Diffusion Transformers 
          "Spatial-Temporal Sparsity, arXiv 2502.01776")
 CODE = "svg-project/Sparse-VideoGen@5ce7b0127c0d44383ee8b9e5512431feb625f621"
 PATTERNS = ("spatial", "temporal")
+VARIANTS = ("hunyuan", "cog", "wan")
+PROFILE_WIDTH = {"hunyuan": 1.5, "cog": 1.5, "wan": 2.0}   # frames: fs * 1.5 / fs * 2
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,12 @@ class SVGParams:
     * ``num_sampled_rows`` [num_sampled_rows] (64, the CLI default; class default 32),
       ``sample_max_row`` [sample_mse_max_row] (10000; ``None`` = whole sequence, CogVideoX),
       ``seed``: the seeded default draw; ``rows``: explicit sampled rows (overrides the draw).
-    * ``profile_width`` (1.5 frames), ``profile_block`` (128), ``band_round`` (128): the
-      official hard-coded profiling band and execution rounding constants.
+    * ``variant``: official rule set, ``"hunyuan"`` (text last), ``"cog"`` (text first) or
+      ``"wan"`` (no text, first-frame key sink); ``None`` = ``"wan"`` when
+      ``text_tokens == 0``, else ``"cog"`` / ``"hunyuan"`` by ``text_position``.
+    * ``profile_width`` (``None`` = the variant's: 1.5 frames, Wan 2), ``profile_block``
+      (128), ``band_round`` (128): the official hard-coded profiling band and execution
+      rounding constants.
     * ``block_size``: block of the covering :class:`BlockMask` (128, FlexAttention's).
     """
 
@@ -83,7 +99,8 @@ class SVGParams:
     sample_max_row: int | None = 10000
     seed: int = 0
     rows: tuple[int, ...] | None = None
-    profile_width: float = 1.5
+    variant: str | None = None
+    profile_width: float | None = None
     profile_block: int = 128
     band_round: int = 128
     block_size: int = 128
@@ -113,7 +130,17 @@ class SVGParams:
             if len(self.rows) == 0:
                 raise InputError("rows: expected at least one sampled row, got ()")
             check_range("rows", self.rows, 0, g.seq_len - 1, integer=True)
-        check_range("profile_width", self.profile_width, 0.0)
+        if self.variant is not None:
+            check_choice("variant", self.variant, VARIANTS)
+            if self.variant == "wan" and g.text_tokens != 0:
+                raise InputError(f"variant: 'wan' has no text tokens (official context_length = 0),"
+                                 f" got text_tokens={g.text_tokens}")
+            want = {"hunyuan": "last", "cog": "first"}.get(self.variant)
+            if want is not None and g.text_tokens > 0 and self.text_position != want:
+                raise InputError(f"variant: {self.variant!r} puts the text {want}, got "
+                                 f"text_position={self.text_position!r}")
+        if self.profile_width is not None:
+            check_range("profile_width", self.profile_width, 0.0)
         for name in ("profile_block", "band_round", "block_size"):
             check_range(name, getattr(self, name), 1, integer=True)
 
@@ -128,17 +155,30 @@ def temporal_positions(g: VideoGrid) -> np.ndarray:
     return pos
 
 
+def resolve_variant(p: SVGParams, g: VideoGrid) -> str:
+    """Official rule set: ``p.variant``, or ``"wan"`` without text (``text_tokens == 0``,
+    wan/inference.py ``context_length = 0``), else ``"cog"`` (text first) / ``"hunyuan"``."""
+    if p.variant is not None:
+        return str(p.variant)
+    if g.text_tokens == 0:
+        return "wan"
+    return "cog" if g.text_position == "first" else "hunyuan"
+
+
 def sparsity_to_width(sparsity: float, g: VideoGrid) -> float:
     """Official ``sparsity_to_width``: band half-width in frames for a kept fraction."""
     N = g.seq_len
-    s = (sparsity * N * N - 2 * N * g.text_tokens) / (N * N)
+    total = N ** 2
+    s = (sparsity * total - 2 * N * g.text_tokens) / total
     return N * (1.0 - math.sqrt(1.0 - s)) / g.frame_tokens
 
 
 def band_tokens(p: SVGParams, g: VideoGrid) -> int:
-    """Execution band ``W = floor(w * fs / 128) * 128`` (``round_to_multiple``)."""
+    """Execution band ``W`` (``round_to_multiple``): ``floor(w * fs / 128) * 128`` (hunyuan,
+    cog; the mask is ``|q - kv| < W``) or ``ceil(w * fs / 128) * 128`` (wan; ``<= W``)."""
     w = sparsity_to_width(float(p.sparsity), g)
-    return int(math.floor(w * g.frame_tokens / p.band_round) * p.band_round)
+    rnd = math.ceil if resolve_variant(p, g) == "wan" else math.floor
+    return int(rnd(w * g.frame_tokens / p.band_round) * p.band_round)
 
 
 def execution_rows(pattern: int, rows: np.ndarray, p: SVGParams, g: VideoGrid) -> np.ndarray:
@@ -146,7 +186,10 @@ def execution_rows(pattern: int, rows: np.ndarray, p: SVGParams, g: VideoGrid) -
     L = g.seq_len
     perm = temporal_positions(g) if pattern == 1 else np.arange(L, dtype=np.int64)
     pq, pk = perm[rows][:, None], perm[None, :]
-    band = np.abs(pq - pk) < band_tokens(p, g)
+    W = band_tokens(p, g)
+    if resolve_variant(p, g) == "wan":      # wan/utils.py: abs(q - kv) <= W | kv < fs
+        return (np.abs(pq - pk) <= W) | (pk < g.frame_tokens)
+    band = np.abs(pq - pk) < W
     if g.text_position == "first":
         return band | (pq < g.text_tokens) | (pk < g.text_tokens)
     real = g.video_tokens + (g.text_tokens if p.prompt_length is None else int(p.prompt_length))
@@ -160,12 +203,14 @@ def execution_rows(pattern: int, rows: np.ndarray, p: SVGParams, g: VideoGrid) -
 def profile_rows(pattern: int, rows: np.ndarray, p: SVGParams, g: VideoGrid) -> np.ndarray:
     """Rows ``rows`` of the profiling mask ``pattern`` (0 spatial, 1 temporal): bool ``[R, L]``."""
     L, pb = g.seq_len, int(p.profile_block)
-    wp = int(math.floor(float(p.profile_width) * g.frame_tokens / pb))  # (fs*1.5) // 128
+    variant = resolve_variant(p, g)
+    pw = PROFILE_WIDTH[variant] if p.profile_width is None else float(p.profile_width)
+    wp = int((pw * g.frame_tokens) // pb)                # block_thres // block_size
     a, c = rows[:, None], np.arange(L, dtype=np.int64)[None, :]
     is_text = np.zeros(L, bool)
     is_text[g.text_slice] = True
     text = is_text[a] | is_text[c]
-    if pattern == 0 and g.text_position == "first":
+    if pattern == 0 and variant == "cog":
         # CogVideoX: band on absolute positions over ceil(N_v / pb) blocks
         lim = num_blocks(g.video_tokens, pb) * pb
         band = (a < lim) & (c < lim) & (np.abs(a // pb - c // pb) < wp)
@@ -173,7 +218,14 @@ def profile_rows(pattern: int, rows: np.ndarray, p: SVGParams, g: VideoGrid) -> 
     vid = (~is_text[a]) & (~is_text[c])
     pos = temporal_positions(g) if pattern == 1 else np.arange(L, dtype=np.int64)
     pa, pc = pos[a] - g.video_offset, pos[c] - g.video_offset
-    return text | (vid & (np.abs(pa // pb - pc // pb) < wp))
+    band = vid & (np.abs(pa // pb - pc // pb) < wp)
+    if variant == "wan":
+        # first-frame sink [:, :frame_size] set before the permute: key position < fs
+        return band | (pc < g.frame_tokens)
+    if variant == "cog":
+        # cog/utils.py: attention_mask[ctx:, ctx:] = pixel_attn_mask, no text row or column
+        return band
+    return text | band
 
 
 def default_rows(p: SVGParams, g: VideoGrid) -> np.ndarray:
@@ -197,11 +249,13 @@ def svg_masked_row_mse(q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: np.nda
     q ``[B, Hq, L, D]``, k ``[B, Hkv, L, D]``, v ``[B, Hkv, L, Dv]``, ``rows`` int ``[R]``
     (query rows), ``masks`` bool ``[M, R, L]`` (row ``r`` of mask ``m`` over all keys). With
     ``o_r = softmax(s q_r K^T) V`` (all keys) and ``o_{m,r}`` the softmax over the keys of
-    mask ``m`` (a row with none gives 0)::
+    mask ``m``::
 
         mse[b, h, m] = 1/(R Dv) sum_r sum_d (o_{m,r,d} - o_{r,d})^2
 
-    Returns ``(mse,)`` float64 ``[B, Hq, M]``.
+    A sampled row with no key in mask ``m`` has ``o_{m,r} = NaN`` (the official softmax of an
+    all-``-inf`` row), so ``mse[b, h, m]`` is NaN for every head (part of the specification:
+    the op is defined with ``equal_nan=True``). Returns ``(mse,)`` float64 ``[B, Hq, M]``.
     """
     Bn, Hq = q.shape[:2]
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -220,12 +274,21 @@ def svg_masked_row_mse(q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: np.nda
                 ok = np.isfinite(sm)
                 em = np.where(masks[m], np.exp(s - np.where(ok, sm, 0.0)), 0.0)
                 den = em.sum(axis=1, keepdims=True)
-                o = np.where(ok, (em @ vv) / np.where(ok, den, 1.0), 0.0)
+                o = np.where(ok, (em @ vv) / np.where(ok, den, 1.0), np.nan)   # NaN: no key
                 mse[b, h, m] = ((o - gold) ** 2).sum() / (R * Dv)
     return (mse,)
 
 
-SVG_SCORE = define_op("svg_masked_row_mse", svg_masked_row_mse, outputs=("mse",), kind="array")
+# NaN (a sampled row without a visible key) is part of the output: kernels must reproduce it.
+SVG_SCORE = define_op("svg_masked_row_mse", svg_masked_row_mse, outputs=("mse",), kind="array",
+                      equal_nan=True)
+
+
+def choose_heads(mse: np.ndarray) -> np.ndarray:
+    """``torch.argmin(mse, -1)`` with PyTorch's NaN rule (``LessOrNan``): the index of the
+    first NaN if there is one, else of the first minimum (ties: spatial). int64 ``[B, Hq]``."""
+    nan = np.isnan(mse)
+    return np.where(nan.any(-1), np.argmax(nan, -1), np.argmin(mse, -1)).astype(np.int64)
 
 
 # -------------------------------------------------------------------------- token mask
@@ -297,8 +360,9 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SVGParams
     what ``refattn.attention`` runs; ``mask`` is its covering block mask (``block_size``);
     ``scores``/``boundary`` are ``None`` (the rule ranks heads, not blocks). ``extras``:
     ``pattern`` (str ``[B, Hq]``, ``"spatial"``/``"temporal"``), ``best_mask_idx`` (int,
-    0/1 as the official code), ``mse`` ``[B, Hq, 2]``, ``rows`` (sampled), ``band``
-    (execution band in tokens), ``width_frames``, ``profile_masks`` ``[2, R, L]``.
+    0/1 as the official code), ``mse`` ``[B, Hq, 2]`` (NaN where a sampled row sees no key
+    under that profiling mask), ``rows`` (sampled), ``band`` (execution band in tokens),
+    ``width_frames``, ``variant`` (the rule set used), ``profile_masks`` ``[2, R, L]``.
     """
     if causal:
         raise InputError("causal: Sparse VideoGen is bidirectional (video DiT); pass causal=False "
@@ -314,10 +378,11 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SVGParams
     scale = 1.0 / math.sqrt(q.shape[3])
     (mse,) = dispatch(SVG_SCORE.name, backend, (q, k, v))(q, k, v, rows, masks, scale)
     mse = np.asarray(mse, np.float64)
-    best = np.argmin(mse, axis=-1).astype(np.int64)          # first minimum: spatial on ties
+    best = choose_heads(mse)                  # first NaN, else first minimum (spatial on ties)
     tm = SVGTokenMask(best, p, g)
     return Selection(
         mask=tm.covering_blockmask(int(p.block_size)),
         extras={"token_mask": tm, "pattern": np.array(PATTERNS)[best], "best_mask_idx": best,
                 "mse": mse, "rows": rows, "band": band_tokens(p, g),
+                "variant": resolve_variant(p, g),
                 "width_frames": sparsity_to_width(float(p.sparsity), g), "profile_masks": masks})
