@@ -174,11 +174,20 @@ def _cases_knorm_keydiff(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
            "dtype": "float64"}
 
 
+# HF ``rope_scaling`` of Llama 3.1-3.3 (with rope_theta 500000), and a small one whose
+# wavelength bands (64 / 2 = 32 .. 64) fall inside short head dims and prompts.
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SMALL_LLAMA3_SCALING = {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 2.0, "original_max_position_embeddings": 64}
+
+
 def _cases_expected(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    """(q, k, v, n_future_positions, n_sink, use_covariance, use_vnorm, epsilon, rope_base):
-    every prefill shape (``n_sink`` lowered below the length where needed), GQA/MQA,
-    both covariance and v-norm switches, ``epsilon > 0``, one future position, another
-    RoPE base."""
+    """(q, k, v, n_future_positions, n_sink, use_covariance, use_vnorm, epsilon, rope_base
+    [, rope_scaling]): every prefill shape (``n_sink`` lowered below the length where
+    needed), GQA/MQA, both covariance and v-norm switches, ``epsilon > 0``, one future
+    position, another RoPE base; HF ``rope_scaling`` ``"llama3"`` (Llama 3.1's, and a small
+    one with every band inside the head dim), ``"linear"``."""
     opts = [(512, 4, True, True, 0.0, 10000.0), (64, 0, False, True, 0.0, 10000.0),
             (1, 2, True, False, 0.0, 500000.0), (512, 1, True, True, 0.01, 10000.0)]
     for i, (label, q, k, v, dt) in enumerate(_prefill(rng)):
@@ -190,6 +199,19 @@ def _cases_expected(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     for cov in (True, False):
         yield {"label": f"structured_gqa-c{int(cov)}",
                "args": (q, k, v, 512, 4, cov, True, 0.0, 10000.0), "dtype": "float32"}
+    for cov in (True, False):
+        yield {"label": f"structured_gqa-llama31-c{int(cov)}",
+               "args": (q, k, v, 512, 4, cov, True, 0.0, 500000.0, LLAMA31_SCALING),
+               "dtype": "float32"}
+    q, k, v = random_qkv(rng, 1, 4, 1, 97, 97, 32)
+    yield {"label": "mqa-small_llama3", "args": (q, k, v, 64, 2, True, True, 0.0, 10000.0,
+                                                 SMALL_LLAMA3_SCALING), "dtype": "float32"}
+    yield {"label": "mqa-linear", "args": (q, k, v, 16, 2, True, False, 0.0, 10000.0,
+                                           {"rope_type": "linear", "factor": 2.0}),
+           "dtype": "float32"}
+    q, k, v = structured_qkv(rng, 1, 4, 2, 130, 130, 64, dtype="bfloat16")
+    yield {"label": "bf16-llama31", "args": (q, k, v, 512, 4, True, True, 0.01, 500000.0,
+                                             LLAMA31_SCALING), "dtype": "bfloat16"}
 
 
 register_cases("h2o_score", _cases_h2o)

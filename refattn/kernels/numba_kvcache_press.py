@@ -9,7 +9,8 @@
 * ``kvpress_expected_attention_score`` (``ExpectedAttentionPress``, arXiv 2510.00636):
   pre-RoPE queries ``q~_t = R(-t) q_t`` over ``t >= n_sink``, their mean ``mu`` and
   covariance ``S = (1/n) sum_t (q~_t - mu)(q~_t - mu)^T``; the averaged future rotation
-  ``Rbar = mean_{p in [L, L+F)} R(p)``; per query head
+  ``Rbar = mean_{p in [L, L+F)} R(p)`` (RoPE of ``rope_base`` and HF ``rope_scaling``: the
+  frequencies come from :func:`refattn.kvcache._common.rope_inv_freq`); per query head
   ``z_j = (Rbar mu) . k_j / sqrt(d) + k_j^T (Rbar S Rbar^T) k_j / (2d)`` over ``j >= n_sink``,
   ``softmax_j``, mean over the GQA group, ``(. + eps) ||v_j||_2`` (``use_vnorm``), and the
   sinks padded with ``max + 1`` (global maximum).
@@ -36,6 +37,7 @@ from numba import njit, prange
 
 from ..core.errors import InputError
 from ..core.registry import register
+from ..kvcache._common import rope_inv_freq
 from ._blas import single_threaded_blas
 from .fastexp import exp_f64
 from .flags import NJIT_OPTIONS
@@ -198,11 +200,11 @@ def keydiff_score_numba(k: Any, *, out: tuple[np.ndarray] | None = None) -> np.n
     return _write(out, (s.reshape(B, H, L),), ("scores",))[0]
 
 
-def _rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """``cos, sin [P, dim/2]`` of ``angle = pos * base^(-2i/dim)`` (transformers'
-    rotate-half RoPE, as :func:`refattn.kvcache._common.rope_cos_sin` without the repeat)."""
-    inv = 1.0 / (float(base) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    ang = positions.astype(np.float64)[:, None] * inv
+def _rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cos, sin [P, dim/2]`` of ``angle = pos * inv_freq`` with ``inv_freq`` from
+    :func:`refattn.kvcache._common.rope_inv_freq` (transformers' rotate-half RoPE, as
+    :func:`refattn.kvcache._common.rope_cos_sin` without the repeat)."""
+    ang = positions.astype(np.float64)[:, None] * inv_freq
     return np.cos(ang), np.sin(ang)
 
 
@@ -210,11 +212,13 @@ def _rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarr
 def expected_attention_score_numba(q: Any, k: Any, v: Any, n_future_positions: int = 512,
                                    n_sink: int = 4, use_covariance: bool = True,
                                    use_vnorm: bool = True, epsilon: float = 0.0,
-                                   rope_base: float = 10000.0, *,
+                                   rope_base: float = 10000.0,
+                                   rope_scaling: dict | None = None, *,
                                    out: tuple[np.ndarray] | None = None) -> np.ndarray:
     """Expected attention of future queries ``[B, Hkv, L]`` (reference
     :func:`refattn.kvcache.presses.expected_attention_score`); q ``[B, Hq, L, d]``,
-    k, v ``[B, Hkv, L, d]``. Float64 without ``out=``."""
+    k, v ``[B, Hkv, L, d]``; ``rope_scaling``: HF ``config.rope_scaling`` or ``None``.
+    Float64 without ``out=``."""
     qq, kk = _inputs(q, "q", 4), _inputs(k, "k", 4)
     if qq.dtype != kk.dtype:
         qq, kk = qq.astype(np.float64), kk.astype(np.float64)
@@ -225,14 +229,11 @@ def expected_attention_score_numba(q: Any, k: Any, v: Any, n_future_positions: i
     ns, F = int(n_sink), int(n_future_positions)
     if L <= ns:
         raise InputError(f"n_sink: the input must hold more than n_sink = {ns} tokens, got {L}")
-    if d % 2:
-        raise InputError(f"RoPE: head dim must be even, got {d}")
-    if not rope_base > 0:
-        raise InputError(f"rope_base: must be > 0, got {rope_base}")
-    cos, sin = _rope_tables(np.arange(L), d, rope_base)
+    inv_freq = rope_inv_freq(d, rope_base, rope_scaling)   # validates d, base and scaling
+    cos, sin = _rope_tables(np.arange(L), inv_freq)
     # Rbar = mean_p R(p): R(p)[i, j] = cos_j(p) delta_ij + sin_j(p) P_ij with the rotate-half
     # matrix P (P[d/2:, :d/2] = I, P[:d/2, d/2:] = -I), so Rbar = diag(cbar) + P * sbar[None].
-    fc, fs = _rope_tables(np.arange(L, L + F), d, rope_base)
+    fc, fs = _rope_tables(np.arange(L, L + F), inv_freq)
     cbar = np.concatenate([fc, fc], axis=1).mean(axis=0)
     sbar = np.concatenate([fs, fs], axis=1).mean(axis=0)
     P = np.zeros((d, d))

@@ -14,8 +14,10 @@ then the response) is the only global one::
 Inference: each block ``b < n-1`` is prefilled alone with positions ``0..n_b-1``; its keys are
 un-rotated and re-rotated to the global positions ``o_b + u`` (net rotation ``R(o_b)``), so
 the reused cache equals the training-time cache; values are untouched. The official code
-does both rotations in fp32 with a bf16 cast after each (two roundings); the reference
-rotates once in float64 (:func:`reencode_block_keys`).
+does both rotations in fp32 with a bf16 cast after each (two roundings), with the model's
+own rotary embedding (``LlamaRotaryEmbedding(config)``: Llama-3.1 models carry the
+``"llama3"`` ``rope_scaling``); the reference rotates once in float64
+(:func:`reencode_block_keys`, ``rope_base`` and HF ``rope_scaling``).
 
 Segmenting text into blocks is data processing (``src/data``) and is out of scope: the
 caller gives ``block_sizes``.
@@ -33,16 +35,24 @@ from ..core.keepset import TokenMask
 from ..core.registry import define_op, dispatch
 from ..core.scores import Selection
 from ..methods.base import check_range, register_method
-from ._common import rerotate
+from ._common import check_rope_scaling, freeze_rope_scaling, rerotate
 
 
 @dataclass(frozen=True)
 class BlockAttentionParams:
     """``block_sizes``: tokens per block in order, the last one global (required; they
-    must add up to the sequence length). ``rope_base`` for :func:`reencode_block_keys`."""
+    must add up to the sequence length). ``rope_base`` (the model's ``rope_theta``) and
+    ``rope_scaling`` (HF ``config.rope_scaling``, e.g. ``{"rope_type": "llama3", ...}``;
+    ``None`` = plain RoPE; see :func:`refattn.kvcache._common.rope_inv_freq`) for
+    :func:`reencode_block_keys`. A ``rope_scaling`` dict is stored as its sorted
+    ``(key, value)`` pairs (the dataclass is frozen)."""
 
     block_sizes: tuple[int, ...] = ()
     rope_base: float = 10000.0
+    rope_scaling: dict | tuple | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
 
     def validate(self) -> None:
         if not isinstance(self.block_sizes, (tuple, list)) or not self.block_sizes:
@@ -53,6 +63,7 @@ class BlockAttentionParams:
         for i, n in enumerate(self.block_sizes):
             check_range(f"block_sizes[{i}]", n, 1, integer=True)
         check_range("rope_base", self.rope_base, 0.0, lo_open=True)
+        check_rope_scaling(self.rope_scaling)
 
 
 def block_ids(block_sizes: tuple[int, ...]) -> np.ndarray:
@@ -83,15 +94,23 @@ def local_positions(block_sizes: tuple[int, ...]) -> np.ndarray:
 
 
 def reencode_block_keys(
-    k_local: np.ndarray, block_sizes: tuple[int, ...], base: float = 10000.0
+    k_local: np.ndarray,
+    block_sizes: tuple[int, ...],
+    base: float = 10000.0,
+    scaling: dict | None = None,
 ) -> np.ndarray:
     """Keys ``[..., L, D]`` post-RoPE at block-local positions -> keys at global positions
-    ``o_b + u`` (rotate-half RoPE, ``R(global - local)``), float64."""
+    ``o_b + u`` (rotate-half RoPE, ``R(global - local)``), float64. ``base`` and
+    ``scaling`` (HF ``rope_scaling``, e.g. ``"llama3"``) are the model's RoPE
+    (:func:`refattn.kvcache._common.rope_inv_freq`); take them from
+    :class:`BlockAttentionParams` (``rope_base``, ``rope_scaling``)."""
     if k_local.shape[-2] != int(np.sum(block_sizes)):
         raise InputError(
             f"k_local: {k_local.shape[-2]} tokens, block_sizes cover {int(np.sum(block_sizes))}"
         )
-    return rerotate(k_local, local_positions(block_sizes), np.arange(k_local.shape[-2]), base)
+    return rerotate(
+        k_local, local_positions(block_sizes), np.arange(k_local.shape[-2]), base, scaling
+    )
 
 
 @register_method(

@@ -22,7 +22,9 @@ Scores (q post-RoPE ``[B, Hq, L, D]``, k post-RoPE and v ``[B, Hkv, L, D]``):
   ``>= n_sink``; averaged future rotation ``Rbar = mean_{p in [L, L+n_future)} R(p)``;
   ``z_j = (Rbar mu) . k_j / sqrt(d) + k_j^T (Rbar S Rbar^T) k_j / (2d)`` over ``j >= n_sink``;
   ``softmax_j``, GQA mean, ``(. + eps) ||v_j||_2``; sinks ``max + 1``. Pre-RoPE queries are
-  recovered by the inverse rotation (positions ``0..L-1``, ``rope_base``);
+  recovered by the inverse rotation (positions ``0..L-1``); ``R`` is the model's RoPE
+  (the official press uses ``module.rotary_emb``): ``rope_base`` and HF ``rope_scaling``
+  (e.g. Llama-3.1's ``"llama3"``; :func:`refattn.kvcache._common.rope_inv_freq`);
 * ``random``: ``U(0, 1)`` from NumPy's generator (``seed``); it cannot match torch's stream.
 
 Ties: lower position first (``torch.topk`` is unspecified).
@@ -43,6 +45,8 @@ from ..methods.base import check_choice, check_range, register_method
 from ._common import (
     apply_rope,
     attention_probs,
+    check_rope_scaling,
+    freeze_rope_scaling,
     group_mean,
     keep_top,
     keepset_selection,
@@ -68,7 +72,9 @@ PRESSES = (
 class PressParams:
     """One kvpress scorer press. ``compression_ratio`` official default 0.0 (no eviction);
     ``n_kept`` (optional) overrides it with a token count. Other fields are used by the
-    presses named in their comment, with the official defaults."""
+    presses named in their comment, with the official defaults. ``rope_scaling`` is HF
+    ``config.rope_scaling`` (``None`` = plain RoPE), stored as its sorted ``(key, value)``
+    pairs (the dataclass is frozen)."""
 
     press: str = "knorm"
     compression_ratio: float = 0.0
@@ -82,6 +88,10 @@ class PressParams:
     epsilon: float = 0.0  # expected_attention
     rope_base: float = 10000.0  # expected_attention (un-rotating q)
     seed: int = 0  # random
+    rope_scaling: dict | tuple | None = None  # expected_attention (HF rope_scaling, e.g. llama3)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
 
     def validate(self) -> None:
         check_choice("press", self.press, PRESSES)
@@ -101,6 +111,7 @@ class PressParams:
         check_range("epsilon", self.epsilon, 0.0)
         check_range("rope_base", self.rope_base, 0.0, lo_open=True)
         check_range("seed", self.seed, 0, integer=True)
+        check_rope_scaling(self.rope_scaling)
 
     def kept_count(self, length: int) -> int:
         """``n_kept`` or ``int(L (1 - compression_ratio))``."""
@@ -177,14 +188,18 @@ def expected_attention_score(
     use_vnorm: bool = True,
     epsilon: float = 0.0,
     rope_base: float = 10000.0,
+    rope_scaling: dict | None = None,
 ) -> np.ndarray:
-    """Expected attention of future queries (see the module docstring), ``[B, Hkv, L]``."""
+    """Expected attention of future queries (see the module docstring), ``[B, Hkv, L]``.
+    ``rope_base`` / ``rope_scaling`` (HF ``config.rope_scaling``) define the rotations."""
     B, Hq, L, d = q.shape
     if L <= n_sink:
         raise InputError(f"n_sink: the input must hold more than n_sink = {n_sink} tokens, got {L}")
-    qpre = apply_rope(q, -np.arange(L), rope_base)[:, :, n_sink:]  # pre-RoPE queries
+    qpre = apply_rope(q, -np.arange(L), rope_base, rope_scaling)[:, :, n_sink:]  # pre-RoPE
     mu = qpre.mean(axis=2)  # [B, Hq, d]
-    cos, sin = rope_cos_sin(np.arange(L, L + n_future_positions), d, rope_base)  # [F, d]
+    cos, sin = rope_cos_sin(
+        np.arange(L, L + n_future_positions), d, rope_base, rope_scaling
+    )  # [F, d]
     P = np.zeros((d, d))
     P[d // 2 :, : d // 2], P[: d // 2, d // 2 :] = np.eye(d // 2), -np.eye(d // 2)
     R = (cos[:, None, :] * np.eye(d) + sin[:, None, :] * P).mean(
@@ -267,6 +282,7 @@ def press_score(
         params.use_vnorm,
         params.epsilon,
         params.rope_base,
+        params.rope_scaling,
     )
 
 

@@ -290,7 +290,8 @@ def run_kv(
         if policy.pos_shift:
             kept = np.nonzero(allowed[0, 0])[0]
             ok, pk = streamingllm.shifted_attention(
-                qt, np.array([pos]), Kt, Vt, kept, policy.params.rope_base, scale
+                qt, np.array([pos]), Kt, Vt, kept, policy.params.rope_base, scale,
+                scaling=policy.params.rope_scaling,
             )
             pkept = np.zeros_like(pf)
             pkept[..., kept] = pk

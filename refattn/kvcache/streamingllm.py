@@ -14,7 +14,8 @@ Cache of ``n`` tokens (cache order = position order), ``S = start_size``, ``R = 
 Positions (``pos_shift=True``, the official ``pos_shift`` attention): keys are cached without
 RoPE and rotated at every step to their *cache index* ``0 .. n-1``; the query gets the cache
 index of the incoming token. On post-RoPE inputs the reference rotates by the difference,
-``R(new - old)`` (exact). kvpress's ``StreamingLLMPress`` keeps the same set without
+``R(new - old)`` (exact) with the model's RoPE: ``rope_base`` and HF ``rope_scaling``
+(e.g. Llama-3.1's ``"llama3"``; :func:`refattn.kvcache._common.rope_inv_freq`). kvpress's ``StreamingLLMPress`` keeps the same set without
 re-encoding (``pos_shift=False``).
 """
 
@@ -29,23 +30,37 @@ from ..core.keepset import KeepSet
 from ..core.registry import define_op, dispatch
 from ..core.scores import Selection
 from ..methods.base import check_choice, check_range, register_method
-from ._common import keepset_selection, repeat_kv, rerotate
+from ._common import (
+    check_rope_scaling,
+    freeze_rope_scaling,
+    keepset_selection,
+    repeat_kv,
+    rerotate,
+)
 
 
 @dataclass(frozen=True)
 class StreamingLLMParams:
-    """Defaults of the official example script (``start_size=4``, ``recent_size=2000``)."""
+    """Defaults of the official example script (``start_size=4``, ``recent_size=2000``).
+    ``rope_base`` / ``rope_scaling`` (HF ``config.rope_scaling``, ``None`` = plain RoPE)
+    are the model's RoPE, used by the ``pos_shift`` re-encoding; a ``rope_scaling`` dict is
+    stored as its sorted ``(key, value)`` pairs (the dataclass is frozen)."""
 
     start_size: int = 4
     recent_size: int = 2000
     pos_shift: bool = True
     rope_base: float = 10000.0
+    rope_scaling: dict | tuple | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
 
     def validate(self) -> None:
         check_range("start_size", self.start_size, 0, integer=True)
         check_range("recent_size", self.recent_size, 0, integer=True)
         check_choice("pos_shift", self.pos_shift, (True, False))
         check_range("rope_base", self.rope_base, 0.0, lo_open=True)
+        check_rope_scaling(self.rope_scaling)
 
 
 class StartRecentCache:
@@ -110,19 +125,25 @@ define_op("streamingllm_score", streamingllm_score, outputs=("scores",), kind="e
 
 
 def shifted_qk(
-    q: np.ndarray, q_positions: np.ndarray, k: np.ndarray, kept: np.ndarray, base: float = 10000.0
+    q: np.ndarray,
+    q_positions: np.ndarray,
+    k: np.ndarray,
+    kept: np.ndarray,
+    base: float = 10000.0,
+    scaling: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Position re-encoding of ``pos_shift``. q ``[B, Hq, Sq, D]`` post-RoPE at original
     ``q_positions [Sq]``; k ``[B, Hkv, Sk, D]`` post-RoPE at positions ``0..Sk-1``;
     ``kept [n]`` ascending cache positions (the queries' own tokens included). Returns
     ``q'`` rotated to the cache index of each query's token and the gathered keys
-    ``k' [B, Hkv, n, D]`` rotated to cache indices ``0..n-1``."""
+    ``k' [B, Hkv, n, D]`` rotated to cache indices ``0..n-1``. ``base``/``scaling``: the
+    model's RoPE (HF ``rope_scaling``)."""
     kept = np.asarray(kept, np.int64)
     idx = np.searchsorted(kept, q_positions)
     if (idx >= kept.size).any() or (kept[np.minimum(idx, kept.size - 1)] != q_positions).any():
         raise InputError("q_positions: each query's own token must be in the kept cache")
-    k2 = rerotate(k[:, :, kept], kept, np.arange(kept.size), base)
-    q2 = rerotate(q, np.asarray(q_positions), idx, base)
+    k2 = rerotate(k[:, :, kept], kept, np.arange(kept.size), base, scaling)
+    q2 = rerotate(q, np.asarray(q_positions), idx, base, scaling)
     return q2, k2
 
 
@@ -134,10 +155,11 @@ def shifted_attention(
     kept: np.ndarray,
     base: float = 10000.0,
     scale: float | None = None,
+    scaling: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Causal attention of ``q`` over the kept cache with re-encoded positions: returns
     ``out float64 [B, Hq, Sq, Dv]`` and ``probs [B, Hq, Sq, n]`` (columns = ``kept``)."""
-    q2, k2 = shifted_qk(q, q_positions, k, kept, base)
+    q2, k2 = shifted_qk(q, q_positions, k, kept, base, scaling)
     scale = (1.0 / np.sqrt(q.shape[-1])) if scale is None else scale
     kk = repeat_kv(k2, q.shape[1])
     vv = repeat_kv(v[:, :, np.asarray(kept)].astype(np.float64), q.shape[1])
@@ -188,6 +210,7 @@ def select(
             cache.positions,
             np.arange(cache.positions.size),
             params.rope_base,
+            params.rope_scaling,
         )
     return keepset_selection(
         keep, q.shape[1], scores=np.broadcast_to(s, (B, Hkv, L)), extras=extras
