@@ -24,15 +24,20 @@ Per head ``h`` (per-head hyper-parameters), query blocks of ``block_q`` and key 
 4. Sort ``P`` descending; ``cdf = cumsum``; ``n_sel = #{cdf <= cdfthreshd[h]}``
    (``searchsorted(right=True)``: the crossing block is *not* kept); ``n_sel = 1`` if 0.
    Top-k variant: ``n_sel = int(float32(topk[h]) * Kb)``, at least 1.
+   ``cdf_precision="official"`` (default) runs steps 3-4 as the official code does for
+   fp32/fp16/bf16 inputs: ``S`` and ``P`` in the half dtype (fp16, or bf16 for bf16 inputs)
+   and PyTorch's CUDA ``cumsum`` emulated partial sum by partial sum (``_half_scan``);
+   ``"exact"`` computes them in float64.
 5. ``map = top n_sel blocks | every column of a non-self-similar key block | every row of a
    non-self-similar query block``; causal: ``& visible``; ``attention_sink``: column 0 on.
 
 Stage two (the in-kernel ``P V`` skip with ``pvthreshd``) is not modelled: at the default 50
 it only drops blocks whose weights are below ~e^-50, i.e. it does not change the output
-beyond rounding (spec 5.4). Ties: ``torch.sort`` is unstable; here the lower block index
-wins. Arithmetic is float64 (official: fp16 normalised rows in the Gram MMA, fp32 pooling,
-pooled vectors and ``P`` stored in the input dtype) -- pooled means are rounded to the input
-dtype as the official ``pool`` tensors are.
+beyond rounding (spec 5.4). Ties: the lower block index wins (PyTorch's CUDA sort is stable
+for more than 32 key blocks). Pooling and self-similarity are float64 (official: fp16
+normalised rows in the Gram MMA, fp32 pooling), the pooled means rounded to the input dtype
+as the official ``pool`` tensors are; with ``cdf_precision="exact"`` (or float64 inputs)
+steps 3-4 are float64 too.
 """
 from __future__ import annotations
 
@@ -49,10 +54,12 @@ from ..core.scores import BlockScores, Selection
 from ..core.video_grid import TEXT_POSITIONS, VideoGrid
 from ..methods.base import check_choice, check_range, register_method
 from ..reference.selection import rank_order
+from . import _half_scan
 
 PAPER = ("Zhang et al., SpargeAttn: Accurate Sparse Attention Accelerating Any Model "
          "Inference, arXiv 2502.18137")
 CODE = "thu-ml/SpargeAttn@bfd980b781784c04ad6a53e7ee657c0645d99171"
+CDF_PRECISIONS = ("official", "exact")
 
 
 def _tuple(x: Any) -> Any:
@@ -72,6 +79,10 @@ class SpargeAttnParams:
       ``cdfthreshd`` / ``topk`` is set (``topk`` = fraction of key blocks, top-k API 0.5).
     * ``smooth_k``: mean-centre the keys before pooling/similarity (True).
     * ``attention_sink``: force key block 0 (False).
+    * ``cdf_precision``: ``"official"`` (default) computes ``S``, ``P = softmax(S)``, the
+      sorted cumulative sum and the ``searchsorted`` as the official torch code does for
+      fp32/fp16/bf16 inputs, in the half dtype with PyTorch's CUDA scan order; ``"exact"``
+      does them in float64 (the paper's rule). Float64 inputs always take ``"exact"``.
     * ``grid``, ``text_tokens``, ``text_position``: the video layout shared by the video
       methods. SpargeAttn is layout-agnostic (the official code knows no grid or text); they
       only check the sequence length when ``grid`` is given.
@@ -86,6 +97,7 @@ class SpargeAttnParams:
     topk: float | tuple[float, ...] | None = None
     smooth_k: bool = True
     attention_sink: bool = False
+    cdf_precision: str = "official"
     grid: tuple[int, int, int] | None = None
     text_tokens: int = 0
     text_position: str = "last"
@@ -108,6 +120,7 @@ class SpargeAttnParams:
         for name in ("smooth_k", "attention_sink"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InputError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        check_choice("cdf_precision", self.cdf_precision, CDF_PRECISIONS)
         check_range("text_tokens", self.text_tokens, 0, integer=True)
         check_choice("text_position", self.text_position, TEXT_POSITIONS)
         if self.grid is not None:
@@ -209,6 +222,44 @@ def cdf_count(P: np.ndarray, tau: np.ndarray, topk: np.ndarray | None) -> np.nda
     return (cdf <= tau[None, :, None, None]).sum(axis=-1)
 
 
+def half_map(pq: np.ndarray, pk: np.ndarray, allowed: np.ndarray, head_dim: int,
+             dtype: Any) -> np.ndarray:
+    """The official ``P`` in the half ``dtype`` (float64 ``[B, Hq, Qb, Kb]`` of its values).
+
+    ``pooled_q @ pooled_k^T`` is a half GEMM (fp32 accumulation, rounded to ``dtype``; here
+    the float64 dot product rounded once); ``* D**-0.5`` multiplies in float32 by the scalar
+    as float32 and rounds to ``dtype``; ``-inf`` where not allowed; ``softmax(-1)`` computes
+    in float32 and rounds its output to ``dtype`` (here float64, rounded once). A row whose
+    softmax is NaN officially (nothing allowed, or an overflowed score) is 0: every block of
+    it is selected either way.
+    """
+    G = pq.shape[1] // pk.shape[1]
+    kk = np.repeat(pk, G, axis=1) if G > 1 else pk
+    s = _half_scan.to_half(pq @ np.swapaxes(kk, -1, -2), dtype)
+    s = _half_scan.to_half(s * np.float32(head_dim ** -0.5), dtype).astype(np.float64)
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    ok = np.isfinite(m)
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.where(allowed, np.exp(s - np.where(ok, m, 0.0)), 0.0)
+        P = np.where(ok, e / np.where(ok, e.sum(axis=-1, keepdims=True), 1.0), 0.0)
+    return _half_scan.to_half(P, dtype).astype(np.float64)
+
+
+def cdf_count_half(P: np.ndarray, tau: np.ndarray, topk: np.ndarray | None,
+                   dtype: Any) -> np.ndarray:
+    """:func:`cdf_count` as the official torch ops run it on a half ``P`` (values of
+    ``dtype``): ``torch.sort`` descending, ``torch.cumsum`` on CUDA (every partial sum
+    rounded to ``dtype``, PyTorch's summation tree over the whole ``[B, H, Qb, Kb]`` tensor),
+    ``torch.searchsorted(cdf, float32 tau, right=True)`` (compared in float32)."""
+    if topk is not None:
+        return cdf_count(P, None, topk)
+    vals = -np.sort(-P, axis=-1)
+    cdf = _half_scan.cumsum_cuda(vals.astype(np.float32), dtype)
+    t = np.broadcast_to(tau.astype(np.float32)[None, :, None], P.shape[:3])
+    return _half_scan.searchsorted_right(cdf, t)
+
+
 def fill_map(P: np.ndarray, n_sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The top ``max(n_sel, 1)`` blocks of every row by ``P`` (ties: lower index) and the
     boundary (the smallest selected ``P``)."""
@@ -234,7 +285,9 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SpargeAtt
     the CDF/top-k rule), ``forced`` (non-self-similar rows/columns, sink); ``extras``:
     ``sim_q [B, Hq, Qb]``, ``sim_k [B, Hkv, Kb]``, ``q_similar``, ``k_similar``
     (``[B, Hq, *]`` flags), ``num_selected [B, Hq, Qb]`` (``n_sel`` before ``max(., 1)``),
-    ``pooled_q``, ``pooled_k``.
+    ``pooled_q``, ``pooled_k``. With ``cdf_precision="official"`` and fp32/fp16/bf16 inputs
+    ``P`` holds the half-precision values the official code sorts (computed on the host
+    from the pooled means; the ``spargeattn_map`` op is the float64 ``"exact"`` path).
     """
     p = params
     Bn, Hq, Sq, D = q.shape
@@ -267,9 +320,14 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: SpargeAtt
     k_ok = sim_k[:, np.arange(Hq) // G] > thr[None, :, None]            # [B, Hq, Kb]
     legal = legal_blocks(Sq, Sk, bq, bk, causal)
     allowed = k_ok[:, :, None, :] & legal
-    (P,) = dispatch(SPARGE_MAP.name, backend, (q, k))(pq, pk, allowed, 1.0 / math.sqrt(D))
-    P = np.asarray(P, np.float64)
-    n_sel = cdf_count(P, tau, topk)
+    half = _half_scan.half_dtype(work_q) if p.cdf_precision == "official" else None
+    if half is None:
+        (P,) = dispatch(SPARGE_MAP.name, backend, (q, k))(pq, pk, allowed, 1.0 / math.sqrt(D))
+        P = np.asarray(P, np.float64)
+        n_sel = cdf_count(P, tau, topk)
+    else:                  # the official half pipeline (cheap: Qb x Kb per head, host-side)
+        P = half_map(pq, pk, allowed, D, half)
+        n_sel = cdf_count_half(P, tau, topk, half)
     sel, _ = fill_map(P, n_sel)
     forced = ((~k_ok[:, :, None, :]) | (~q_ok[..., None])) & legal
     if p.attention_sink:
