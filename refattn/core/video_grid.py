@@ -162,7 +162,8 @@ class VideoGrid:
         c = frames_per_block
         if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)) or not c > 0:
             raise InputError(f"chunk: expected a positive number of frames for a 1D partition, got {c!r}")
-        size = int(c * self.frame_tokens)           # official: int(chunk_size * H * W)
+        size = int(c * self.H * self.W)             # official: int(chunk_size * H * W), left to
+        # right: (c * H) * W rounds differently from c * (H * W) for fractional c
         if size < 1:
             raise InputError(f"chunk: {c} frames of {self.frame_tokens} tokens is less than one token")
         L = self.video_tokens

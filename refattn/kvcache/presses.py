@@ -294,11 +294,16 @@ def press_keep(
     *,
     backend: str = "numpy",
 ) -> tuple[KeepSet, np.ndarray]:
-    """``ScorerPress.compress``: ``topk(scores, n_kept)`` per kv head, in top-k order."""
+    """``ScorerPress.compress``: ``topk(scores, n_kept)`` per kv head, in top-k order; with
+    ``compression_ratio == 0`` (and no ``n_kept``) the official press returns the cache
+    unchanged, so every token is kept in position order (the scores are still computed)."""
     scores = press_score(q, k, v, params, backend=backend)
-    n = params.kept_count(k.shape[2])
-    keep = KeepSet(keep_top(scores, n, backend), q_len=q.shape[2], k_len=k.shape[2],
-                   head_kind="kv")
+    L = k.shape[2]
+    if params.n_kept is None and params.compression_ratio == 0:
+        idx = np.broadcast_to(np.arange(L), scores.shape).copy()
+    else:
+        idx = keep_top(scores, params.kept_count(L), backend)
+    keep = KeepSet(idx, q_len=q.shape[2], k_len=L, head_kind="kv")
     return keep, scores
 
 

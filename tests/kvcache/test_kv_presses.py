@@ -54,6 +54,17 @@ def test_knorm_and_streaming_rules():
     assert sorted(keep.kept(0, 0).tolist()) == [0, 1, 2, 3] + list(range(26, 32))
 
 
+def test_ratio_zero_returns_the_cache_unchanged():
+    """scorer_press.py: ``if self.compression_ratio == 0: return keys, values``."""
+    q, k, v = random_qkv(5, L=20)
+    keep, s = press_keep(q, k, v, PressParams(press="knorm"))
+    for g in range(2):
+        assert keep.kept(0, g).tolist() == list(range(20))      # position order, not by score
+    assert not np.array_equal(np.argsort(-s[0, 0], kind="stable"), np.arange(20))
+    keep, _ = press_keep(q, k, v, PressParams(press="knorm", n_kept=20))
+    assert keep.kept(0, 0).tolist() != list(range(20))          # n_kept: score order
+
+
 def test_tova_is_shared_and_last_token_forced():
     q, k, v = random_qkv(22, L=32)
     s = press_score(q, k, v, PressParams(press="tova"))

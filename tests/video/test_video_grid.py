@@ -74,6 +74,10 @@ def test_1d_partition_ragged_and_float():
     assert q.bounds.tolist() == [0, 9, 18, 27, 30]
     with pytest.raises(InputError, match="less than one token"):
         g.partition_1d(0.1)
+    # the official int(chunk_size * H * W) multiplies left to right: (1.15 * 30) * 52 =
+    # 1794.0 -> 1794, where 1.15 * (30 * 52) = 1793.9999999999998 -> 1793
+    assert VideoGrid(4, 30, 52).partition_1d(1.15).bounds[1] == 1794
+    assert VideoGrid(2, 6, 30).partition_1d(0.15).bounds[1] == int(0.15 * 6 * 30)
 
 
 @pytest.mark.parametrize("kind,chunk,axis", [("2d", (3, 2), "H"), ("2d", (2, 4), "W"),
