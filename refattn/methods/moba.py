@@ -3,7 +3,8 @@
 Paper: Lu et al., "MoBA: Mixture of Block Attention for Long-Context LLMs", arXiv 2502.13189
 (tech report in the repository). Official code: ``MoonshotAI/MoBA@61e456bc`` --
 ``moba/moba_naive.py:moba_attn_varlen_naive`` (reference semantics, mirrored here) and
-``moba/moba_efficient.py:moba_attn_varlen`` (same selection).
+``moba/moba_efficient.py:moba_attn_varlen`` (same selection, except ``topk = 1``: dense
+causal there; parameter ``impl``).
 
 Rule, for one sequence and one query head ``h`` reading kv head ``g = h // (Hq/Hkv)``
 (spec ``llm-prefill.md`` section 1):
@@ -51,16 +52,23 @@ class MobaParams:
       for the 1M-context model).
     * ``topk`` [``moba_topk``]: blocks per query token, *including* the own block.
     * ``tie``: ``"low"`` (lower block index wins) or ``"high"`` among equal gate scores.
+    * ``impl``: ``"efficient"`` (``moba_attn_varlen``, the production path the wrapper's
+      ``attn="moba"`` runs) or ``"naive"`` (``moba_attn_varlen_naive``). They select the same
+      blocks except at ``topk = 1``: the efficient path computes ``min(moba_topk - 1,
+      num_filtered_chunk) = 0`` and falls back to dense causal attention
+      (``moba_efficient.py``, "corner case"), the naive one keeps the own block only.
     """
 
     block_size: int = 512
     topk: int = 3
     tie: str = "low"
+    impl: str = "efficient"
 
     def validate(self) -> None:
         check_range("block_size", self.block_size, 1, integer=True)
         check_range("topk", self.topk, 1, integer=True)
         check_choice("tie", self.tie, TIES)
+        check_choice("impl", self.impl, ("efficient", "naive"))
 
 
 # ----------------------------------------------------------------------- scoring
@@ -182,6 +190,10 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: MobaParam
     own = own_blocks(Sq, Sk, B)
     mask, boundary, past = route_blocks(gate, own, int(params.topk), params.tie, backend)
     xp = array_module(gate)             # device inputs (backend "cupy") stay on the device
+    if params.impl == "efficient" and int(params.topk) == 1:
+        # moba_efficient.py: moba_topk - 1 = 0 -> flash_attn_varlen_func(causal=True)
+        mask = xp.broadcast_to(xp.arange(gate.shape[-1])[None, :] <= xp.asarray(own)[:, None],
+                               mask.shape).copy()
     mine = xp.arange(gate.shape[-1])[None, :] == xp.asarray(own)[:, None]
     scores = xp.where(past | mine, gate, -np.inf)
     geo = dict(block_q=1, block_k=B, q_len=Sq, k_len=Sk)

@@ -120,11 +120,26 @@ def test_random_shapes_match_brute_force(sk, dq, block, topk, hkv, grp, seed, ti
     q = rng.standard_normal((1, hkv * grp, sq, 8)).astype(np.float32)
     k = rng.standard_normal((1, hkv, sk, 8)).astype(np.float32)
     v = rng.standard_normal((1, hkv, sk, 8)).astype(np.float32)
-    sel = refattn.select(q, k, "moba", block_size=block, topk=topk, tie=tie)
+    sel = refattn.select(q, k, "moba", block_size=block, topk=topk, tie=tie, impl="naive")
     np.testing.assert_array_equal(sel.mask.mask, brute_moba(q, k, block, topk, tie))
+    if topk > 1:                               # the two official paths select the same
+        eff = refattn.select(q, k, "moba", block_size=block, topk=topk, tie=tie)
+        np.testing.assert_array_equal(eff.mask.mask, sel.mask.mask)
     sel.mask.check()
     out = refattn.attention(q, k, v, mask=sel, causal=True)
     assert np.isfinite(out).all()
+
+
+def test_topk_one_is_dense_causal_on_the_efficient_path():
+    """moba_efficient.py: moba_topk = min(1 - 1, n) = 0 -> flash_attn_varlen_func(causal)."""
+    q, k, v = synthetic(1, 2, 1, 300, 16, seed=6)
+    eff = refattn.select(q, k, "moba", block_size=50, topk=1)
+    naive = refattn.select(q, k, "moba", block_size=50, topk=1, impl="naive")
+    own = np.arange(300) // 50
+    np.testing.assert_array_equal(eff.mask.mask[0, 0], np.arange(6)[None, :] <= own[:, None])
+    np.testing.assert_array_equal(naive.mask.mask[0, 0], np.arange(6)[None, :] == own[:, None])
+    np.testing.assert_allclose(refattn.attention(q, k, v, mask=eff, causal=True),
+                               refattn.attention(q, k, v, causal=True), atol=1e-12)
 
 
 def test_attention_equals_dense_on_token_mask():
