@@ -3,7 +3,8 @@ recent window.
 
 Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
 Models", NeurIPS 2023. Official code ``FMInference/H2O@ac75c2a8a9e76832b2a4139b9363373b56336bfb``,
-which holds three implementations that are **not** equivalent (``variant``):
+which holds three implementations (four rules: the lm-eval LLaMA file differs from its OPT
+and GPT-NeoX siblings) that are **not** equivalent (``variant``):
 
 ``"real_drop"`` -- ``h2o_hf/utils_real_drop/modify_llama.py``, ``H2OKVCache_LayerWise``.
     After every forward, with ``A [q, n]`` the attention of the forward's queries over the
@@ -18,16 +19,25 @@ which holds three implementations that are **not** equivalent (``variant``):
     allows positions ``L+1-recent .. L`` and the top ``heavy`` of ``acc[0 : L-recent]``; then
     ``acc`` is multiplied by that mask with ``acc[L-recent : L]`` forced on. Position
     ``L - recent`` is therefore neither recent nor eligible at the next step (official quirk).
-``"single_forward"`` -- ``h2o_hf/utils_lm_eval/modify_llama.py``, ``local_heavy_hitter_mask``.
+``"single_forward"`` -- ``h2o_hf/utils_lm_eval/modify_opt.py`` (``local_heavy_hitter_mask``
+    l. 23-59, called l. 191-205) and ``modify_gptneox.py`` (l. 21-54, called l. 228-241).
     One causal forward over the prompt, rows simulated one by one: rows ``< heavy`` see the
     first ``heavy`` keys; row ``t >= heavy`` sees the top ``heavy - 1`` keys of ``acc`` and
     itself, then ``acc <- (acc + P_t) * mask_t`` (``P_t`` the row's unmasked causal softmax,
     ``acc`` starts as the column sums of rows ``< heavy``); every row also sees the band
     ``i - recent <= j <= i``. A per-row :class:`~refattn.core.keepset.TokenMask`.
+``"single_forward_llama"`` -- ``h2o_hf/utils_lm_eval/modify_llama.py``,
+    ``LlamaAttention_heavy_hitter.forward`` l. 152-166 (the file's ``local_heavy_hitter_mask``
+    call, l. 135-148, is commented out). A global rule: ``heavy = int(r_h L)``, ``recent =
+    int(r_r L)``; ``acc_j = sum_i P[i, j]`` over all rows of the causal softmax; every row
+    sees the top ``heavy`` of ``acc`` (no forced self, no ``- 1``) and the band ``|i - j| <=
+    recent``; the causal part comes from the model's additive mask (l. 122-128), so row
+    ``i`` sees ``(heavy | band) & (j <= i)``. The same per-row ``TokenMask``.
 
 Scores are float64 here (the official code accumulates in the model dtype). GQA: the
 official classes are MHA; the reference gives each query head its own copy of its kv head
-(``repeat_kv``, as SnapKV). The official code sums over the batch and asserts ``B = 1``;
+(``repeat_kv``, as SnapKV). The ``real_drop`` / ``mask_sim`` code sums over the batch and
+asserts ``B = 1`` (the lm-eval files work per batch element; their driver runs ``B = 1``);
 the reference runs every batch element independently. Ties: lower position first.
 """
 
@@ -46,7 +56,9 @@ from ..core.scores import Selection
 from ..methods.base import check_choice, check_range, register_method
 from ._common import attention_probs, keepset_selection, topk_keep
 
-VARIANTS = ("real_drop", "mask_sim", "single_forward")
+VARIANTS = ("real_drop", "mask_sim", "single_forward", "single_forward_llama")
+# The variants that are one masked forward (a per-row TokenMask), with no cache to carry on.
+SINGLE_FORWARD_VARIANTS = ("single_forward", "single_forward_llama")
 # The official ``finfo(dtype).max`` given to VATP's sink tokens, taken at float32 (the dtype of
 # the official runs in ../shared/conformance): exact in a float32 output (float64 max
 # overflowed to inf there) and far above any attention score.
@@ -57,7 +69,7 @@ SINK_SCORE = float(np.finfo(np.float32).max)
 class H2OParams:
     """H2O parameters. ``hh_size``/``recent_size`` (counts) drive ``real_drop`` (class
     defaults 4 + 512); ``heavy_ratio``/``recent_ratio`` (of the prompt length) drive
-    ``mask_sim`` and ``single_forward`` (paper default 10% + 10%)."""
+    ``mask_sim`` and the ``single_forward*`` variants (paper default 10% + 10%)."""
 
     variant: str = "real_drop"
     hh_size: int = 4
@@ -220,7 +232,8 @@ def single_forward_mask(
     recent_ratio: float,
     scale: float | None = None,
 ) -> np.ndarray:
-    """H2O's lm-eval single-forward mask, bool ``[B, Hq, L, L]`` (see the module docstring)."""
+    """H2O's lm-eval single-forward mask of the OPT / GPT-NeoX files (greedy row by row),
+    bool ``[B, Hq, L, L]`` (see the module docstring)."""
     L = q.shape[2]
     if k.shape[2] != L:
         raise InputError(f"q: single_forward needs Sq == Sk, got {L} and {k.shape[2]}")
@@ -241,6 +254,38 @@ def single_forward_mask(
     return (mask | (j >= i - recent)) & (j <= i)
 
 
+def single_forward_llama_mask(
+    q: np.ndarray,
+    k: np.ndarray,
+    heavy_ratio: float,
+    recent_ratio: float,
+    scale: float | None = None,
+    *,
+    scores: np.ndarray | None = None,
+    backend: str = "numpy",
+) -> np.ndarray:
+    """H2O's lm-eval single-forward mask of the LLaMA file (global heavy hitters), bool
+    ``[B, Hq, L, L]``: ``(top-heavy of acc | |i - j| <= recent) & (j <= i)``.
+
+    ``acc [B, Hq, L]`` is the op ``h2o_score`` (column sums of the causal softmax, as
+    ``tmp_sum`` of l. 153-154; pass ``scores`` if already computed). Top-k per batch element
+    and head over the keys; ties go to the lower position (``torch.topk`` leaves them
+    unspecified, and the official ``acc`` is fp16, where ties are not rare)."""
+    L = q.shape[2]
+    if k.shape[2] != L:
+        raise InputError(f"q: single_forward_llama needs Sq == Sk, got {L} and {k.shape[2]}")
+    if scores is None:
+        scores = dispatch("h2o_score", backend, (q, k))(q, k, scale)
+    acc = np.asarray(scores, np.float64)
+    if acc.shape != q.shape[:2] + (L,):
+        raise InputError(f"scores: expected shape {q.shape[:2] + (L,)}, got {acc.shape}")
+    heavy, recent = int(heavy_ratio * L), int(recent_ratio * L)
+    hh = np.zeros(acc.shape, dtype=bool)
+    np.put_along_axis(hh, topk_keep(acc, heavy), True, axis=-1)
+    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    return (hh[..., None, :] | (np.abs(i - j) <= recent)) & (j <= i)
+
+
 def h2o_prefill(q: np.ndarray, k: np.ndarray, params: H2OParams, *, backend: str = "numpy",
                 scores: np.ndarray | None = None):
     """Run the prefill of ``params.variant``; returns the cache object (real_drop /
@@ -249,8 +294,13 @@ def h2o_prefill(q: np.ndarray, k: np.ndarray, params: H2OParams, *, backend: str
     ``real_drop`` needs only the column sums of the causal softmax (the op ``h2o_score``,
     a kernel through ``backend``; pass ``scores`` if already computed): no ``[L, L]``
     matrix is formed. ``mask_sim`` walks the rows of the probabilities as the official
-    simulation does (NumPy reference)."""
+    simulation does (NumPy reference). The ``single_forward*`` variants have no cache
+    (InputError)."""
     L = q.shape[2]
+    if params.variant in SINGLE_FORWARD_VARIANTS:
+        raise InputError(
+            f"variant: {params.variant!r} is one masked forward with no cache; use select()"
+        )
     if q.shape[2] != k.shape[2]:
         raise InputError(f"q: H2O's prefill needs Sq == Sk, got {q.shape[2]} and {k.shape[2]}")
     if params.variant == "real_drop":
@@ -270,7 +320,7 @@ def h2o_prefill(q: np.ndarray, k: np.ndarray, params: H2OParams, *, backend: str
     "h2o",
     H2OParams,
     kind="kv-cache",
-    summary="accumulated attention heavy hitters + recent window (3 official variants)",
+    summary="accumulated attention heavy hitters + recent window (4 official variants)",
     paper="Zhang et al., H2O, NeurIPS 2023 (arXiv 2306.14048)",
     code="FMInference/H2O@ac75c2a8a9e76832b2a4139b9363373b56336bfb",
 )
@@ -284,11 +334,18 @@ def select(
     backend: str = "numpy",
 ) -> Selection:
     """H2O on prefill inputs. ``real_drop``: the cache kept after the prompt (ascending).
-    ``mask_sim``: the prompt tokens the next step may attend to. ``single_forward``: the
-    per-row mask of the simulated forward (``extras["keepset"]`` is ``None``)."""
+    ``mask_sim``: the prompt tokens the next step may attend to. ``single_forward`` and
+    ``single_forward_llama``: the per-row mask of the forward (``extras["keepset"]`` is
+    ``None``)."""
     B, Hq, L, _ = q.shape
-    if params.variant == "single_forward":
-        tm = TokenMask(single_forward_mask(q, k, params.heavy_ratio, params.recent_ratio))
+    if params.variant in SINGLE_FORWARD_VARIANTS:
+        if params.variant == "single_forward":
+            m = single_forward_mask(q, k, params.heavy_ratio, params.recent_ratio)
+        else:
+            m = single_forward_llama_mask(
+                q, k, params.heavy_ratio, params.recent_ratio, backend=backend
+            )
+        tm = TokenMask(m)
         bm = BlockMask(tm.mask, block_q=1, block_k=1, q_len=L, k_len=L)
         return Selection(mask=bm, extras={"keepset": None, "token_mask": tm})
     scores = dispatch("h2o_score", backend, (q, k))(q, k)

@@ -148,7 +148,7 @@ class _Streaming(_Policy):
 
 def _make_policy(method: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, params: Any) -> _Policy:
     B, Hq, L, _ = q.shape
-    if method == "h2o" and params.variant != "single_forward":
+    if method == "h2o" and params.variant not in h2o.SINGLE_FORWARD_VARIANTS:
         return (_RealDrop if params.variant == "real_drop" else _MaskSim)(
             h2o.h2o_prefill(q, k, params)
         )
@@ -273,7 +273,7 @@ def run_kv(
         if dshape.q_len != dshape.k_len:
             raise InputError(f"decode: q has {dshape.q_len} steps but k has {dshape.k_len}")
         steps = dshape.q_len
-        if method == "h2o" and p.variant == "single_forward" and steps:
+        if method == "h2o" and p.variant in h2o.SINGLE_FORWARD_VARIANTS and steps:
             raise InputError("variant: H2O's single_forward simulation has no decode steps")
         K = np.concatenate([k4, dk4], axis=2).astype(np.float64)
         V = np.concatenate([v4, dv4], axis=2).astype(np.float64)
