@@ -23,6 +23,12 @@ probability 0. Block scores sum the probabilities over the ``b' x b'`` tiles of 
 Non-causal: the softmax runs over every padded key tile (padded keys have logit 0 and so
 take mass, as in the official kernel); the selector has no forced blocks.
 
+The torch path (``path="torch"``): ``xattn_estimate`` switches ``use_triton`` off unless the
+GPU name contains "100" and then scores with plain torch ops, whose causal mask has a
+``[-0:]`` slice quirk and whose steps round to the input dtype; emulated on the host by
+:func:`refattn.methods._xattn_torch.xattention_score_torch` for every backend, then the same
+selection below.
+
 Selection (``find_blocks_chunked(mode="prefill")``, spec §3d with the corrections of the
 conformance README §3): per query chunk of ``C / block_size`` block rows, the literal
 official algorithm, see :func:`find_blocks_chunked`; then the lower-triangular post-step
@@ -50,11 +56,12 @@ import numpy as np
 
 from ..core.blockmask import BlockMask, num_blocks
 from ..core.errors import InputError
-from ..core.layout import array_module
-from ..core.registry import define_op, dispatch
+from ..core.layout import array_module, to_host
+from ..core.registry import BACKENDS, define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..reference.memory import rows_per_chunk
-from .base import check_range, register_method
+from ._xattn_torch import xattention_score_torch
+from .base import check_choice, check_range, register_method
 
 CODE = "mit-han-lab/x-attention@e37988770b9d1bebd489eba011d615f35587ba08"
 
@@ -85,6 +92,11 @@ class XAttentionParams:
       the mask: the first query chunk follows a different rule (see
       :func:`find_blocks_chunked`).
     * ``norm`` [norm]: extra logit divisor (1).
+    * ``path`` [use_triton]: which official scoring branch of ``xattn_estimate``:
+      ``"triton"`` (the kernels, run where the GPU name contains "100") or ``"torch"`` (the
+      fallback taken on every other GPU: its ``[-0:]`` causal-mask slice and its arithmetic
+      in the input dtype, see :mod:`refattn.methods._xattn_torch`). The Numba and CUDA
+      kernels implement the Triton path; ``"torch"`` runs on the host for every backend.
     """
 
     block_size: int = 128
@@ -92,6 +104,7 @@ class XAttentionParams:
     threshold: float | tuple[float, ...] = 0.9
     chunk_size: int | None = None
     norm: float = 1.0
+    path: str = "triton"
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -113,6 +126,7 @@ class XAttentionParams:
             raise InputError("threshold: expected a number or one value per head, got ()")
         check_range("threshold", self.threshold, 0.0, 1.0)
         check_range("norm", self.norm, 0.0, lo_open=True)
+        check_choice("path", self.path, ("triton", "torch"))
 
 
 def head_thresholds(threshold: Any, num_heads: int) -> np.ndarray:
@@ -294,8 +308,15 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: XAttentio
                          f"q_len < k_len at chunk granularity, which is not reproduced")
     bs, C = int(p.block_size), int(p.chunk_size or default_chunk_size(L))
     tau = head_thresholds(p.threshold, Hq)
-    score = dispatch("xattention_score", backend, (q, k))
-    (W,) = score(q, k, bs, int(p.stride), C, float(p.norm), bool(causal))
+    if p.path == "torch":           # host reference for every backend (no kernels)
+        if backend != "auto" and backend not in BACKENDS:
+            raise InputError(f"backend: expected one of {BACKENDS + ('auto',)}, got {backend!r}")
+        (W,) = xattention_score_torch(to_host(q), to_host(k), bs, int(p.stride), C, float(p.norm),
+                                      bool(causal))
+        W = array_module(q).asarray(W)   # device inputs: the selection stays on the device
+    else:
+        score = dispatch("xattention_score", backend, (q, k))
+        (W,) = score(q, k, bs, int(p.stride), C, float(p.norm), bool(causal))
     xp = array_module(W)            # device inputs (backend "cupy") stay on the device
     W = np.asarray(W, dtype=np.float64) if xp is np else W.astype(np.float64, copy=False)
     nbp, n, R = W.shape[-1], num_blocks(L, bs), C // bs
