@@ -25,6 +25,20 @@ _PYRAMID_CONFIGS = (
 )
 
 
+# new kernel (psa_kernel.py): (label, B, Hq, Hkv, Sq, Sk, D, block_q, block_k, tile_n, dtype,
+# structured). PSAConfig's 64/32 (level 8: 8 pooled rows per block, pairs + rows 16..31), 32/32
+# (levels 2/4/8 merged, rows 16..31 at level 4, 8..31 at level 8), 64/16 and 64/64, 48/16
+# (P % tile_n != 0: level 1 and 2 blocks attended in part).
+_PYRAMID_NEW_CONFIGS = (
+    ("new_bk64_t32", 1, 2, 1, 250, 250, 32, 64, 64, 32, "float32", True),
+    ("new_bk32_t32", 2, 4, 2, 113, 203, 16, 32, 32, 32, "float32", False),
+    ("new_bk64_t16", 1, 2, 2, 150, 260, 16, 32, 64, 16, "float32", False),
+    ("new_bk64_t64", 1, 2, 1, 200, 400, 16, 64, 64, 64, "float32", True),
+    ("new_bk48_t16", 1, 2, 1, 120, 290, 16, 32, 48, 16, "float32", False),
+    ("new_bf16", 1, 4, 1, 130, 390, 64, 64, 64, 32, "bfloat16", True),
+)
+
+
 def _levels(rng: np.random.Generator, B: int, H: int, qb: int, kb: int,
             block_k: int) -> np.ndarray:
     """Random levels in {0, 1, 2, 4, 8} (those dividing block_k), one all-skip row and one
@@ -34,6 +48,27 @@ def _levels(rng: np.random.Generator, B: int, H: int, qb: int, kb: int,
     if qb > 2:
         lv[..., rng.integers(qb), :] = 0
         lv[..., rng.integers(qb), :] = 1
+    return lv
+
+
+def _new_kernel_levels(rng: np.random.Generator, B: int, H: int, qb: int, kb: int,
+                       block_k: int, tile_n: int) -> np.ndarray:
+    """Random levels the new kernel accepts: in {0, 1, 2, 4, 8} dividing block_k, without
+    levels of ``tile_n/2 < block_k/l < tile_n`` pooled rows, an even count per row of every
+    level with fewer than ``tile_n`` pooled rows per block (an odd one dropped to 0)."""
+    ok = [x for x in (1, 2, 4, 8) if block_k % x == 0
+          and not (block_k // x < tile_n < 2 * (block_k // x))]
+    lv = rng.choice([0] + ok, size=(B, H, qb, kb)).astype(np.int64)
+    if qb > 2:
+        lv[..., rng.integers(qb), :] = 0
+        lv[..., rng.integers(qb), :] = ok[-1]
+    for lvl in ok:
+        if block_k // lvl >= tile_n:
+            continue
+        for idx in np.ndindex(lv.shape[:-1]):
+            js = np.nonzero(lv[idx] == lvl)[0]
+            if js.size % 2:
+                lv[idx + (js[rng.integers(js.size)],)] = 0
     return lv
 
 
@@ -51,6 +86,19 @@ def _cases_pyramid(rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         yield {"label": f"{label}-all8-c0",
                "args": (q, k, v, np.full((1, 1, qb, kb), 8 if bk % 8 == 0 else 1), bq, bk, False,
                         scale), "dtype": dt}
+    for label, B, Hq, Hkv, Sq, Sk, D, bq, bk, tn, dt, structured in _PYRAMID_NEW_CONFIGS:
+        maker = structured_qkv if structured else random_qkv
+        q, k, v = maker(rng, B, Hq, Hkv, Sq, Sk, D, dtype=dt)
+        qb, kb = num_blocks(Sq, bq), num_blocks(Sk, bk)
+        scale = 1.0 / np.sqrt(D)
+        for causal in (False, True):
+            lv = _new_kernel_levels(rng, B, Hq, qb, kb, bk, tn)
+            yield {"label": f"{label}-random-c{int(causal)}",
+                   "args": (q, k, v, lv, bq, bk, causal, scale, "new", tn), "dtype": dt}
+        if kb % 2 == 0 and bk % 8 == 0:     # level 8 everywhere: every pair re-reads rows
+            yield {"label": f"{label}-all8-c0",
+                   "args": (q, k, v, np.full((1, 1, qb, kb), 8), bq, bk, False, scale, "new", tn),
+                   "dtype": dt}
 
 
 # (label, B, Hq, Hkv, Sq, Sk, D, Dv, block_size, dtype, structured)

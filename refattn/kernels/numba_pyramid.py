@@ -8,6 +8,13 @@ the replicate-padded sequence, with logit ``s q.kbar + ln l``; one softmax over 
 tokens; level-1 keys ``>= Sk`` masked; causal: a group is visible iff its last key
 ``<= i + Sk - Sq``; a row that keeps nothing gives 0 and LSE ``-inf``.
 
+``kernel="new"`` (``psa_kernel.py``, tiles of ``tile_n`` lanes): per level 1, 2, 4, 8 a
+block with ``P = block_k / l >= tile_n`` pooled rows contributes its rows
+``[0, (P // tile_n) tile_n)``; with ``P < tile_n`` every block contributes its ``P`` rows and
+every pair of blocks the rows ``2P .. min(tile_n, Kb P) - 1`` of the level's pooled array once
+more (the tile lanes the official merge loop leaves unmapped); levels are validated on the
+host by :func:`refattn.reference.pyramid.check_new_kernel_levels`.
+
 Algorithm: the pooled keys/values of every level in use are built once on the host (NumPy,
 float64, one table per level concatenated along the sequence axis). One ``prange`` task per
 (batch, query head, query block) gathers the pooled tokens its row of ``levels`` keeps into
@@ -28,6 +35,7 @@ from numba import njit, prange
 
 from ..core.errors import InputError
 from ..core.registry import register
+from ..reference.pyramid import check_kernel, check_new_kernel_levels
 from ._blas import single_threaded_blas
 from .flags import NJIT_OPTIONS
 
@@ -59,7 +67,8 @@ def _pooled_tables(x: np.ndarray, block_k: int, used: list[int]) -> tuple[np.nda
 @njit(**NJIT_OPTIONS)
 def _pyramid_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, levels: np.ndarray,
                     slot: np.ndarray, offs: np.ndarray, Sk: int, block_q: int, block_k: int,
-                    causal: bool, scale: float, out: np.ndarray, lse: np.ndarray) -> None:
+                    causal: bool, scale: float, new: bool, tile_n: int, out: np.ndarray,
+                    lse: np.ndarray) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Dv = kt.shape[1], vt.shape[3]
     G = Hq // Hkv
@@ -68,6 +77,7 @@ def _pyramid_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, levels: np.nd
     Lm, Hm = levels.shape[0], levels.shape[1]
     off = Sk - Sq
     kpad = nkb * block_k
+    cap = kpad + (nkb // 2) * tile_n if new else kpad     # new kernel: + repeated lanes
     for task in prange(B * Hq * nqb):
         I = task % nqb
         h = (task // nqb) % Hq
@@ -78,27 +88,58 @@ def _pyramid_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, levels: np.nd
         r0 = I * block_q
         nr = min(block_q, Sq - r0)
         # gather the kept pooled tokens of this query block
-        kbuf = np.empty((kpad, D), np.float64)
-        vbuf = np.empty((kpad, Dv), np.float64)
-        bias = np.empty(kpad, np.float64)
-        last = np.empty(kpad, np.int64)
+        kbuf = np.empty((cap, D), np.float64)
+        vbuf = np.empty((cap, Dv), np.float64)
+        bias = np.empty(cap, np.float64)
+        last = np.empty(cap, np.int64)
         n = 0
-        for J in range(nkb):
-            lvl = levels[lb, lh, I, J]
-            if lvl <= 0:
-                continue
-            per = block_k // lvl
-            base = offs[slot[lvl]] + J * per
-            lb_ = math.log(lvl)
-            for gi in range(per):
-                first = J * block_k + gi * lvl
-                if lvl == 1 and first >= Sk:
-                    break
-                kbuf[n, :] = kt[b, g, base + gi, :]
-                vbuf[n, :] = vt[b, g, base + gi, :]
-                bias[n] = lb_
-                last[n] = first + lvl - 1
-                n += 1
+        if not new:
+            for J in range(nkb):
+                lvl = levels[lb, lh, I, J]
+                if lvl <= 0:
+                    continue
+                per = block_k // lvl
+                base = offs[slot[lvl]] + J * per
+                lb_ = math.log(lvl)
+                for gi in range(per):
+                    first = J * block_k + gi * lvl
+                    if lvl == 1 and first >= Sk:
+                        break
+                    kbuf[n, :] = kt[b, g, base + gi, :]
+                    vbuf[n, :] = vt[b, g, base + gi, :]
+                    bias[n] = lb_
+                    last[n] = first + lvl - 1
+                    n += 1
+        else:
+            for li in range(4):                      # levels 1, 2, 4, 8 (the walk's order)
+                lvl = 1 << li
+                per = block_k // lvl
+                lb_ = math.log(lvl)
+                span = per // tile_n * tile_n if per >= tile_n else per
+                cnt = 0
+                for J in range(nkb):
+                    if levels[lb, lh, I, J] != lvl:
+                        continue
+                    cnt += 1
+                    base = offs[slot[lvl]] + J * per
+                    for gi in range(span):
+                        first = J * block_k + gi * lvl
+                        if lvl == 1 and first >= Sk:
+                            break
+                        kbuf[n, :] = kt[b, g, base + gi, :]
+                        vbuf[n, :] = vt[b, g, base + gi, :]
+                        bias[n] = lb_
+                        last[n] = first + lvl - 1
+                        n += 1
+                if cnt > 0 and per < tile_n:         # lanes [2P, tile_n): rows 2P.., per pair
+                    base = offs[slot[lvl]]
+                    for _ in range(cnt // 2):
+                        for t in range(2 * per, min(tile_n, nkb * per)):
+                            kbuf[n, :] = kt[b, g, base + t, :]
+                            vbuf[n, :] = vt[b, g, base + t, :]
+                            bias[n] = lb_
+                            last[n] = (t + 1) * lvl - 1
+                            n += 1
         if n == 0:
             for t in range(nr):
                 for d in range(Dv):
@@ -149,7 +190,8 @@ def _pyramid_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, levels: np.nd
 
 @register("pyramid_attention_fwd", "numba")
 def pyramid_attention_forward(q: Any, k: Any, v: Any, levels: Any, block_q: int, block_k: int,
-                              causal: bool = False, scale: float | None = None, *,
+                              causal: bool = False, scale: float | None = None,
+                              kernel: str = "legacy", tile_n: int = 32, *,
                               out: tuple[np.ndarray, np.ndarray] | None = None
                               ) -> tuple[np.ndarray, np.ndarray]:
     """Numba pyramid attention forward; arguments as the reference. Returns ``out``
@@ -160,6 +202,7 @@ def pyramid_attention_forward(q: Any, k: Any, v: Any, levels: Any, block_q: int,
     if Hq % Hkv or k64.shape[0] != B or k64.shape[3] != D or v64.shape[:3] != k64.shape[:3]:
         raise InputError(f"q {q64.shape}, k {k64.shape}, v {v64.shape}: inconsistent shapes")
     block_q, block_k = int(block_q), int(block_k)
+    kernel, tile_n = check_kernel(kernel, tile_n)
     lv = np.asarray(levels)
     while lv.ndim < 4:
         lv = lv[None]
@@ -170,6 +213,8 @@ def pyramid_attention_forward(q: Any, k: Any, v: Any, levels: Any, block_q: int,
     used = sorted(int(x) for x in np.unique(lv) if x > 0)
     if any(x < 0 for x in np.unique(lv)) or any(block_k % x for x in used):
         raise InputError(f"levels: every level must be 0 or a divisor of block_k={block_k}")
+    if kernel == "new":
+        check_new_kernel_levels(lv, block_k, tile_n)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if used:
         kt, offs = _pooled_tables(k64, block_k, used)
@@ -186,5 +231,6 @@ def pyramid_attention_forward(q: Any, k: Any, v: Any, levels: Any, block_q: int,
         raise InputError(f"out: expected shapes {(B, Hq, Sq, Dv)} and {(B, Hq, Sq)}, got "
                          f"{o.shape} and {l.shape}")
     with single_threaded_blas():
-        _pyramid_kernel(q64, kt, vt, lv, slot, offs, Sk, block_q, block_k, bool(causal), scale, o, l)
+        _pyramid_kernel(q64, kt, vt, lv, slot, offs, Sk, block_q, block_k, bool(causal), scale,
+                        kernel == "new", tile_n, o, l)
     return o, l

@@ -22,11 +22,16 @@ Pipeline (``select``):
 3. levels per row (:func:`transfer_levels`): rank ``P[i, :]`` descending and cut the ranks
    into chained intervals of levels ``1, 2, 4, 8, 0`` by the ratios' ends (``topk``: fixed
    quota; ``thresholdbound``: cumulative energy), with the alignment rounding and the 6%
-   floor of level 1; text key blocks forced to level 1 (``mask_type="old"``);
+   floor of level 1; text key blocks forced to level 1 (``mask_type="old"``); with the new
+   mask type and the new kernel (the defaults) the levels the kernel's walk of the
+   new-format mask attends (:func:`new_kernel_levels`; the same for the default ratios);
 4. optional key-similarity cap (:func:`key_similarity_cap`, ``mask_type="old"`` only; the
    similarities are op ``psa_key_similarity``);
 5. pyramid attention (:func:`refattn.reference.pyramid.pyramid_attention`, op
-   ``pyramid_attention_fwd``) on the reordered sequence, output un-reordered: :func:`attention`.
+   ``pyramid_attention_fwd``) on the reordered sequence, output un-reordered: :func:`attention`;
+   ``kernel`` ``"new"`` (default with ``mask_type="new"``, ``kernels/psa_kernel.py``, the tile
+   walk that merges two pooled blocks per tile and re-reads the unmapped lanes) or
+   ``"legacy"`` (``kernels/psa_kernel_legacy.py``).
 """
 from __future__ import annotations
 
@@ -43,8 +48,16 @@ from ..core.registry import define_op, dispatch
 from ..core.scores import BlockScores, Selection
 from ..core.video_grid import VideoGrid
 from ..methods.base import check_choice, check_range, register_method
-from ..reference.pyramid import pooled_kv, pyramid_attention
+from ..reference.pyramid import KERNELS, pooled_kv, pyramid_attention
 from ._gilbert import psa_sequence_order
+from .psa_levels import (  # noqa: F401  (re-exported: the level rules live in psa_levels)
+    _round,
+    level_intervals,
+    new_kernel_levels,
+    newtype_mask,
+    ratio_items,
+    transfer_levels,
+)
 
 PAPER = "Li et al., PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation, arXiv 2512.04025"
 CODE = "ziplab/Pyramid-Sparse-Attention@be122cfb7f32010682b1d70534670e5ef150a93d"
@@ -67,6 +80,14 @@ class PsaParams:
       ``(level, start, end)`` triples in the official dict order, or a dict
       ``{level: (start, end)}``; ``min_full_attn_ratio`` 0.06 (thresholdbound's floor).
     * ``mask_type`` [attn_impl] ``"new"`` (default; text not forced, no cap) | ``"old"``.
+    * ``kernel``: the attention kernel :func:`attention` reproduces: ``"auto"`` (default: the
+      official pairing, ``"new"`` for ``mask_type="new"``, ``"legacy"`` for ``"old"``),
+      ``"new"`` (``psa_kernel.py``: tiles of ``tile_n`` lanes, two blocks merged per tile when
+      a block has fewer than ``tile_n`` pooled rows) or ``"legacy"`` (``psa_kernel_legacy.py``).
+      With ``mask_type="new"`` and the new kernel the levels are the ones the kernel attends:
+      the ``i``-th group of the new-format mask at level ``2**i`` (``i < 4``), later groups
+      skipped, whatever level the ratio declares (identical for ratios in the order 1, 2, 4,
+      8, 0).
     * ``use_sim_mask`` and ``sim_thresholds`` [sim_2x/4x/8x_threshold] (0, 0, -1).
     * ``sample_q``/``sample_k``: sampled rows per block (default ``block/4``, official);
       ``offsets_q``/``offsets_k``: the sampled offsets (int ``[m]`` or ``[B, Hq, m]``), or
@@ -87,6 +108,7 @@ class PsaParams:
     ratios: Any = DEFAULT_RATIOS
     min_full_attn_ratio: float = 0.06
     mask_type: str = "new"
+    kernel: str = "auto"
     use_sim_mask: bool = False
     sim_thresholds: tuple[float, float, float] = (0.0, 0.0, -1.0)
     sample_q: int | None = None
@@ -107,6 +129,7 @@ class PsaParams:
         check_choice("rearrange", self.rearrange, ("none", "gilbert"))
         check_choice("mode", self.mode, MODES)
         check_choice("mask_type", self.mask_type, ("new", "old"))
+        check_choice("kernel", self.kernel, ("auto",) + KERNELS)
         check_choice("score_dtype", self.score_dtype, DTYPES)
         check_range("min_full_attn_ratio", self.min_full_attn_ratio, 0.0, 1.0)
         check_range("seed", self.seed, 0, integer=True)
@@ -123,22 +146,6 @@ class PsaParams:
             raise InputError("grid: rearrange='gilbert' needs the (T, H, W) video token grid")
         if self.grid is not None:
             VideoGrid.from_params(self.grid, self.text_tokens)
-
-
-def ratio_items(ratios: Any) -> list[tuple[int, float]]:
-    """``[(level, end), ...]`` in the given order from triples or a ``{level: (start, end)}`` dict."""
-    items = list(ratios.items()) if isinstance(ratios, dict) else list(ratios)
-    out = []
-    for it in items:
-        lvl, rng = (it[0], it[1]) if isinstance(ratios, dict) else (it[0], it[1:])
-        rng = tuple(rng) if isinstance(rng, (tuple, list)) else (rng,)
-        end = float(rng[-1])
-        if isinstance(lvl, bool) or int(lvl) != lvl or lvl < 0 or not (0.0 <= end <= 1.0):
-            raise InputError(f"ratios: expected (level >= 0, start, end in [0, 1]) items, got {it!r}")
-        out.append((int(lvl), end))
-    if not out or len({lv for lv, _ in out}) != len(out):
-        raise InputError(f"ratios: expected distinct levels, got {ratios!r}")
-    return out
 
 
 # ------------------------------------------------------------------ importance estimate
@@ -236,115 +243,6 @@ def key_similarity_cap(k: np.ndarray, block_k: int, thresholds: tuple[float, flo
     return np.maximum.reduce([np.ones_like(caps[0])] + caps).astype(np.int64)
 
 
-# ------------------------------------------------------------------ importance -> levels
-def _round(x: np.ndarray, dtype: str | None) -> np.ndarray:
-    if dtype is None:
-        return x
-    if dtype == "bfloat16":
-        import ml_dtypes
-        return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-    return np.asarray(x).astype(dtype).astype(np.float64)
-
-
-def _aligned_end(start: np.ndarray, end: np.ndarray, a: int, nk: int) -> np.ndarray:
-    """Round ``[start, end)`` up to a multiple of ``a`` (clamped at ``nk``, where it rounds down)."""
-    length = np.maximum(end - start, 0)
-    e = np.minimum(start + -(-length // a) * a, nk)
-    return np.where(e == nk, start + (e - start) // a * a, e)
-
-
-def level_intervals(P: np.ndarray, ratios: Any, mode: str, block_k: int, tile_n: int,
-                    min_full_attn_ratio: float = 0.06, dtype: str | None = None
-                    ) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
-    """Rank order and level intervals of ``transfer_attn_to_mask`` (spec 2(d)).
-
-    Returns ``order`` int64 ``[..., nk]`` (block ids by ``P`` descending, ties to the lower
-    id), the levels in processing order, and ``starts``/``ends`` int64 ``[..., n_levels]``:
-    ranks ``[start, end)`` get that level (chained; an empty interval has ``end = start``).
-    ``dtype`` emulates the official tensors' dtype (``P``, cumulative sum, energy ratio and
-    threshold rounded to it; the CPU cumsum accumulates in float64 for float32 and in float32
-    for bf16/fp16 and rounds every prefix).
-    """
-    P = _round(np.asarray(P, np.float64), dtype)
-    nk = P.shape[-1]
-    order = np.argsort(-P, axis=-1, kind="stable")
-    items = ratio_items(ratios)
-    align = {lv: 1 if lv == 0 else math.ceil(lv / (block_k // tile_n)) for lv, _ in items}
-    lead = P.shape[:-1]
-    if mode == "thresholdbound":
-        items = sorted(items, key=lambda it: it[1])                          # stable, by end
-        srt = np.take_along_axis(P, order, axis=-1)
-        acc = np.cumsum(srt.astype(np.float32) if dtype in ("bfloat16", "float16") else srt, axis=-1)
-        csum = _round(acc, dtype)
-        energy = csum / csum[..., -1:]
-        if dtype in ("bfloat16", "float16"):
-            energy = _round(energy.astype(np.float32), dtype)
-        elif dtype is not None:
-            energy = _round(energy, dtype)
-    prev = np.zeros(lead, np.int64)
-    starts, ends = [], []
-    for lv, end_ratio in items:
-        a = align[lv]
-        if mode == "topk":
-            e0 = np.full(lead, min(nk, int(nk * end_ratio)), np.int64)
-            e = _aligned_end(prev, e0, a, nk) if a > 1 else e0
-            e = np.where((a > 1) & (e0 - prev <= 0), e0, e)                  # no rounding of empty
-        else:
-            thr = _round(np.float64(end_ratio + 1e-6), dtype) if dtype else end_ratio + 1e-6
-            cnt = (energy <= thr).sum(axis=-1)
-            e0 = np.where(cnt > 0, cnt + 1, prev)                            # includes the crossing
-            if a > 1:
-                e = _aligned_end(prev, e0, a, nk)
-            else:
-                e = np.maximum(np.minimum(e0, nk), prev)
-                if lv == 1:
-                    e = np.maximum(e, min(nk, int(nk * min_full_attn_ratio) + 1))
-        e = np.maximum(e, prev)                                              # empty: prev kept
-        starts.append(prev)
-        ends.append(e)
-        prev = e
-    return order, [lv for lv, _ in items], np.stack(starts, -1), np.stack(ends, -1)
-
-
-def transfer_levels(P: np.ndarray, ratios: Any, mode: str = "topk", *, block_k: int = 64,
-                    tile_n: int = 32, min_full_attn_ratio: float = 0.06, text_tokens: int = 0,
-                    force_text: bool = True, dtype: str | None = None) -> np.ndarray:
-    """Pyramid levels int32 ``[..., nq, nk]`` in ``{0, 1, 2, 4, 8}`` from importance ``P``
-    (``transfer_attn_to_mask`` with ``mode`` ``topk``/``thresholdbound``). With
-    ``force_text`` the last ``ceil(text_tokens / block_k)`` key blocks are set to 1."""
-    order, levels, starts, ends = level_intervals(P, ratios, mode, block_k, tile_n,
-                                                  min_full_attn_ratio, dtype)
-    nk = order.shape[-1]
-    rank_level = np.zeros(order.shape, np.int32)
-    r = np.arange(nk)
-    for i, lv in enumerate(levels):
-        rank_level = np.where((r >= starts[..., i:i + 1]) & (r < ends[..., i:i + 1]), lv, rank_level)
-    out = np.zeros(order.shape, np.int32)
-    np.put_along_axis(out, order, rank_level, axis=-1)
-    if force_text and text_tokens > 0:
-        n_text = -(-int(text_tokens) // int(block_k))                        # ceil
-        out[..., out.shape[-1] - min(n_text, out.shape[-1]):] = 1
-    return out
-
-
-def newtype_mask(P: np.ndarray, ratios: Any, mode: str = "topk", *, block_k: int = 64,
-                 tile_n: int = 32, min_full_attn_ratio: float = 0.06,
-                 dtype: str | None = None) -> np.ndarray:
-    """The official "new mask type" int32 ``[..., nq, nk + n_levels]``: per row the block ids
-    of each level's interval in rank order, each group followed by ``-1`` (``*_newtype``
-    modes; text blocks are not forced there)."""
-    order, levels, starts, ends = level_intervals(P, ratios, mode, block_k, tile_n,
-                                                  min_full_attn_ratio, dtype)
-    nk, L = order.shape[-1], len(levels)
-    out = np.zeros(order.shape[:-1] + (nk + L,), np.int32)
-    for row in np.ndindex(order.shape[:-1]):
-        for i in range(L):
-            s0, e0 = int(starts[row + (i,)]), int(ends[row + (i,)])
-            out[row + (slice(s0 + i, e0 + i),)] = order[row + (slice(s0, e0),)]
-            out[row + (min(e0 + i, nk + L - 1),)] = -1
-    return out
-
-
 # ------------------------------------------------------------------------------ method
 @register_method("psa", PsaParams, kind="video",
                  summary="sampled max-pooled block importance -> per-block KV pyramid level "
@@ -360,6 +258,7 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PsaParams
     ``forced`` = text blocks (``mask_type="old"``), ``extras``: ``levels`` int32
     ``[B, Hq, Qb, Kb]``, ``perm`` (or None), ``offsets_q``/``offsets_k``, ``newtype``
     (official new-format mask, ``mask_type="new"``), ``cap`` (similarity cap or None),
+    ``kernel`` (``"new"``/``"legacy"``, resolved) and ``tile_n`` (for :func:`attention`),
     ``causal``, ``attention`` (the dotted name of :func:`attention`, for front ends that
     dispatch a selection to its own attention). Run it with :func:`attention` (or
     :func:`refattn.reference.pyramid.pyramid_attention`); plain block-sparse attention on
@@ -386,7 +285,12 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PsaParams
     kw = dict(block_k=bk, tile_n=int(p.tile_n), min_full_attn_ratio=float(p.min_full_attn_ratio),
               dtype=p.score_dtype)
     old = p.mask_type == "old"
-    levels = transfer_levels(P, p.ratios, p.mode, text_tokens=int(p.text_tokens), force_text=old, **kw)
+    kernel = p.kernel if p.kernel != "auto" else ("legacy" if old else "new")
+    if kernel == "new" and not old:
+        levels = new_kernel_levels(P, p.ratios, p.mode, **kw)
+    else:
+        levels = transfer_levels(P, p.ratios, p.mode, text_tokens=int(p.text_tokens),
+                                 force_text=old, **kw)
     cap = None
     if p.use_sim_mask:
         G = Hq // k.shape[1]
@@ -404,22 +308,26 @@ def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: PsaParams
         mask=BlockMask(kept, **geo), scores=BlockScores(P, **geo), boundary=boundary, forced=forced,
         extras={"levels": levels, "perm": perm, "offsets_q": offq, "offsets_k": offk, "cap": cap,
                 "newtype": None if old else newtype_mask(P, p.ratios, p.mode, **kw),
+                "kernel": kernel, "tile_n": int(p.tile_n),
                 "causal": bool(causal), "attention": f"{__name__}.attention"})
 
 
 def attention(q: Any, k: Any, v: Any, selection: Selection, *, causal: bool | None = None,
               softmax_scale: float | None = None, layout: str = "bhsd", return_lse: bool = False,
-              backend: str = "numpy") -> Any:
+              backend: str = "numpy", kernel: str = "auto") -> Any:
     """PSA's attention: pyramid attention of q/k/v (original token order) at the levels of a
     PSA ``selection`` (reordered and restored when the selection carries a permutation).
-    ``causal`` defaults to the flag the selection was made with. Returns ``out`` (and
-    ``lse``) in the input layout; see :func:`refattn.reference.pyramid.pyramid_attention`."""
+    ``causal`` defaults to the flag the selection was made with; ``kernel`` (``"auto"``: the
+    selection's, i.e. PSA's ``kernel`` parameter, ``"new"`` by default) and its ``tile_n``
+    pick the official kernel reproduced. Returns ``out`` (and ``lse``) in the input layout;
+    see :func:`refattn.reference.pyramid.pyramid_attention`."""
     if causal is None:
         causal = bool(selection.extras.get("causal", False))
     return pyramid_attention(q, k, v, selection, causal=causal, softmax_scale=softmax_scale,
-                             layout=layout, return_lse=return_lse, backend=backend)
+                             layout=layout, return_lse=return_lse, backend=backend,
+                             kernel=kernel)
 
 
 __all__ = ["PsaParams", "select", "attention", "pyramid_attention", "sampled_importance",
-           "transfer_levels", "newtype_mask", "level_intervals", "key_similarity",
+           "transfer_levels", "newtype_mask", "new_kernel_levels", "level_intervals", "key_similarity",
            "key_similarity_cap", "default_offsets", "pooled_kv"]
