@@ -21,16 +21,20 @@ GPTQ then rescales ``w <- w / sum(w) * L`` and multiplies every token's features
 ``sqrt(w_t)`` (:func:`scale_features`), so the Hessian is ``sum_t w_t x_t x_t^T``.
 
 Alternative heuristics (same normalisation): ``actnorm`` ``||x_t||``, ``actdiff``
-``-||x_in - x_out||`` (reverse), ``tokenfreq`` ``-count(id)`` (reverse), ``tokensim`` mean
-squared distance to the sequence's tokens, ``dot`` row sums of ``X X^T``, and the 0/1
-``firstn`` / ``firstlastn`` masks (``AdhocMaskingWeighting``, not normalised). Ties among
-equal weights at a ``masking``/``truncate`` cut go to the lower index (``torch.topk``
-leaves them unspecified).
+``||x_in - x_out||``, ``tokenfreq`` ``count(id)``, ``tokensim`` mean squared distance to the
+sequence's tokens, ``dot`` row sums of ``X X^T``, and the 0/1 ``firstn`` / ``firstlastn``
+masks (``AdhocMaskingWeighting``, not normalised). Each follows its official class's step
+order (:data:`OFFICIAL`): ``reverse`` (negation; on by default for actdiff/tokenfreq, as
+their YAMLs) comes *after* ``scale`` in MaxDiff/MaxDist/TokenFreq but *before* it in
+Magnitude/Dot, and only Original (attncon) and Magnitude (actnorm) have a ``truncate``
+branch (the others swallow it in ``**kwargs``: masking, then num_bins). Ties among equal
+weights at a ``masking``/``truncate`` cut go to the lower index (``torch.topk`` leaves them
+unspecified).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,6 +51,28 @@ CODE = "ylsung/rsq@1a7cf31d09ff69ac2c3c4c5e9da48d70aabd7996"
 NORMALIZE = ("default", "linear", "sqrt", "none")
 SCALES = ("none", "square", "sqrt")
 STRATEGIES = ("attncon", "actnorm", "actdiff", "tokensim", "tokenfreq", "dot", "adhoc")
+
+
+class Official(NamedTuple):
+    """How a strategy's official class (``fake_quant/input_weighting_module.py``) runs the
+    shared tail: ``reverse`` its YAML default (None: the class has no ``reverse``),
+    ``scale_first`` whether ``scale`` precedes the negation, ``truncate`` whether it has a
+    ``truncate`` branch."""
+
+    cls: str
+    reverse: bool | None
+    scale_first: bool
+    truncate: bool
+
+
+OFFICIAL = {
+    "attncon": Official("OriginalAttentionWeighting", None, True, True),   # scale :184, truncate :206
+    "actnorm": Official("MagnitudeWeighting", False, False, True),         # reverse :271, scale :274, truncate :296
+    "tokensim": Official("MaxDistWeighting", False, True, False),          # scale :417, reverse :422, no truncate
+    "actdiff": Official("MaxDiffWeighting", True, True, False),            # scale :473, reverse :478, no truncate
+    "tokenfreq": Official("TokenFreqWeighting", True, True, False),        # scale :525, reverse :530, no truncate
+    "dot": Official("DotWeighting", False, False, False),                  # reverse :582, scale :585, no truncate
+}
 
 
 # ----------------------------------------------------------------- scoring op
@@ -99,22 +125,38 @@ def normalize_weight(x: np.ndarray, min_value: float, max_value: float,
 
 def bin_values(x: np.ndarray, min_value: float, max_value: float, num_bins: int) -> np.ndarray:
     """``bin_the_values``: quantile bins (thresholds at ``linspace(0,1,n+1)[1:-1]``) mapped
-    to ``linspace(min_value, max_value, n)``; bins are right-closed."""
+    to ``linspace(min_value, max_value, n)``; bins are right-closed. NaN as the code's
+    masks leave it: a NaN value matches no bin and stays NaN, and NaN thresholds (any NaN
+    input) match nothing, so the input comes back unchanged."""
+    x = np.asarray(x, np.float64)
     th = np.quantile(x, np.linspace(0, 1, num_bins + 1)[1:-1])
-    return np.linspace(min_value, max_value, num_bins)[np.searchsorted(th, x, side="left")]
+    if np.isnan(th).any():
+        return x.copy()
+    out = np.linspace(min_value, max_value, num_bins)[np.searchsorted(th, x, side="left")]
+    return np.where(np.isnan(x), x, out)
 
 
 def finish_weights(raw: np.ndarray, *, min_value: float, max_value: float,
                    normalize: str = "default", scale: str = "none",
                    quantile_value: float | None = None, masking: float | None = None,
-                   truncate: float | None = None, num_bins: int | None = None) -> np.ndarray:
-    """The shared tail of every normalised strategy: scale, per-position normalise,
-    min-max, then masking / truncate / binning (first one set wins, as in the code)."""
+                   truncate: float | None = None, num_bins: int | None = None,
+                   reverse: bool = False, scale_first: bool = True) -> np.ndarray:
+    """The shared tail of every normalised strategy: negate (``reverse``) and ``scale`` in
+    the class's order (``scale_first``: scale then negate, else negate then scale, so a
+    negated ``sqrt`` is NaN and a negated ``square`` undoes the negation, as officially),
+    per-position normalise, min-max, then masking / truncate / binning (first one set wins,
+    as in the code). :func:`rsq_weights` passes ``truncate`` only to the classes that have
+    it (:data:`OFFICIAL`)."""
     w = np.asarray(raw, np.float64)
+    if reverse and not scale_first:
+        w = -w
     if scale == "square":
         w = w ** 2
     elif scale == "sqrt":
-        w = np.sqrt(w)
+        with np.errstate(invalid="ignore"):
+            w = np.sqrt(w)
+    if reverse and scale_first:
+        w = -w
     L = w.shape[-1]
     if normalize == "linear":
         w = w / np.arange(L, 0, -1)                  # queries that can see token j: L - j
@@ -141,8 +183,9 @@ def actnorm(x: np.ndarray) -> np.ndarray:
 
 
 def actdiff(x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
-    """``MaxDiffWeighting`` with ``reverse=True``: ``-||x_in,t - x_out,t||_2``."""
-    return -np.linalg.norm(np.asarray(x_in, np.float64) - np.asarray(x_out, np.float64), axis=-1)
+    """``MaxDiffWeighting``'s raw score ``||x_in,t - x_out,t||_2`` (unsigned: the YAML's
+    ``reverse=True`` negates it after ``scale``, in :func:`finish_weights`)."""
+    return np.linalg.norm(np.asarray(x_in, np.float64) - np.asarray(x_out, np.float64), axis=-1)
 
 
 def tokensim(x: np.ndarray) -> np.ndarray:
@@ -159,9 +202,12 @@ def dot(x: np.ndarray) -> np.ndarray:
 
 
 def tokenfreq(token_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``TokenFreqWeighting`` with ``reverse=True``: ``-count(id)`` over the calibration set
-    (``counts[v]`` = occurrences of vocabulary id ``v``)."""
-    return -np.asarray(counts, np.float64)[np.asarray(token_ids)]
+    """``TokenFreqWeighting``'s raw score ``count(id)`` over the calibration set
+    (``counts[v]`` = occurrences of vocabulary id ``v``; unsigned: the YAML's
+    ``reverse=True`` negates it after ``scale``, in :func:`finish_weights`). The frequencies
+    are those of ``token_ids`` themselves; the official loop pairs them with another
+    (shuffled) sequence, see ``docs/methods/rsq.md``."""
+    return np.asarray(counts, np.float64)[np.asarray(token_ids)]
 
 
 def adhoc_mask(length: int, method_type: str) -> np.ndarray:
@@ -200,7 +246,10 @@ def scale_features(x: np.ndarray, w: np.ndarray, *, renormalize: bool = True) ->
 class RSQParams:
     """RSQ parameters (official names; defaults of ``scripts/run_rsq.sh``: the YAML range
     ``[1, 3]`` is overridden to ``[0.005, 1]``). ``strategy="attncon"`` is RSQ; the others
-    need their inputs through :func:`rsq_weights`. ``keep_ratio`` only shapes the
+    need their inputs through :func:`rsq_weights`. ``reverse`` (negate the score) ``None``
+    takes the strategy's YAML value (True for actdiff/tokenfreq, False otherwise); it is
+    ignored by attncon/adhoc, and ``truncate`` by tokensim/actdiff/tokenfreq/dot, whose
+    official classes lack it (:data:`OFFICIAL`). ``keep_ratio`` only shapes the
     ``Selection`` (tokens with the highest weights kept), RSQ itself is soft weighting."""
 
     strategy: str = "attncon"
@@ -213,6 +262,7 @@ class RSQParams:
     truncate: float | None = None
     num_bins: int | None = None
     method_type: str = "0_8"
+    reverse: bool | None = None
     keep_ratio: float = 1.0
 
     def validate(self) -> None:
@@ -228,6 +278,8 @@ class RSQParams:
                 check_range(n, getattr(self, n), 0, 1)
         if self.num_bins is not None:
             check_range("num_bins", self.num_bins, 2, integer=True)
+        if self.reverse not in (None, True, False):
+            raise InputError(f"reverse: expected None, True or False, got {self.reverse!r}")
         check_range("keep_ratio", self.keep_ratio, 0, 1, lo_open=True)
 
 
@@ -237,11 +289,19 @@ def rsq_weights(params: RSQParams, *, q: Any = None, k: Any = None, x: Any = Non
     """Token weights float64 ``[B, L]`` (``[1, L]`` for the feature heuristics) of
     ``params.strategy``: attncon needs q ``[B,H,L,D]``/k ``[B,Hk,L,D]``; actnorm/tokensim/dot
     ``x [L, D]``; actdiff ``x`` and ``x_out``; tokenfreq ``token_ids [L]`` and ``counts``;
-    adhoc only a length (from whichever input is given)."""
+    adhoc only a length (from whichever input is given). Each strategy runs its official
+    class's order of ``reverse``/``scale`` and ``truncate`` only where that class has it
+    (:data:`OFFICIAL`)."""
+    s = params.strategy
+    off = OFFICIAL.get(s)
     tail = dict(min_value=params.min_value, max_value=params.max_value,
                 normalize=params.normalize, scale=params.scale, masking=params.masking,
-                truncate=params.truncate, num_bins=params.num_bins)
-    s = params.strategy
+                num_bins=params.num_bins)
+    if off is not None:
+        tail["truncate"] = params.truncate if off.truncate else None
+        if off.reverse is not None:
+            tail["reverse"] = off.reverse if params.reverse is None else bool(params.reverse)
+            tail["scale_first"] = off.scale_first
 
     def need(name: str, val: Any) -> np.ndarray:
         if val is None:
