@@ -1,5 +1,5 @@
-"""VFlowOpt: visual-token importance (context relevance + patch entropy), selection with
-recycling, and progressive pruning in the LLM.
+"""VFlowOpt: visual-token importance (context relevance + patch entropy), ViT-stage selection
+(plain top-k; recycling for anyres layouts), and progressive pruning in the LLM.
 
 Paper: Yang et al., "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information
 Flow-Guided Optimization", ICCV 2025, arXiv 2508.05211. Official code:
@@ -17,9 +17,15 @@ Importance map of one image (ViT layer ``k_v``, attention ``A [H, n, n]``)::
     E    = patch entropy (bits) of the 8-bit grey patch   see :func:`patch_entropy`
     score = rel + alpha_v * softmax(E)                    released configs: alpha_v = 0
 
-Selection (ViT stage): drop ``R = round(N (1 - vit_r))`` plus ``n_merge = int(N / m^2)``
-lowest scores; group the dropped tokens by grid cell ``(row // m, col // m)`` and merge each
-group, score-weighted, into its highest-score member, which is kept (:func:`select_recycle`).
+Selection (ViT stage), ``R = round(N (1 - vit_r))``:
+
+* plain square grid (non-anyres image; ``llava_qwen_training_free.py:646-672``): keep the
+  ``N - R`` highest scores, no merging (:func:`select_topk`);
+* anyres layout (base grid + unpadded hi-res grid with newline column, ``:566-629``): drop
+  ``R`` plus ``n_merge = int(N / m^2)`` lowest scores, group them by grid cell
+  ``(region, row // m, col // m)`` and merge each group, score-weighted, into its
+  highest-score member, which is kept (:func:`select_recycle`).
+
 LLM stage: per ratio ``rho_s`` drop ``round(n (1 - rho_s))`` lowest remaining scores
 (:func:`progressive_prune`); positions are not re-indexed.
 """
@@ -109,8 +115,8 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def importance_map(attn: Any, entropy: Any = None, *, t: float = 39.2649, alpha_v: float = 0.0,
-                   backend: str = "numpy") -> np.ndarray:
+def importance_map(attn: Any, entropy: Any = None, *, t: float = 39.26492840997221,
+                   alpha_v: float = 0.0, backend: str = "numpy") -> np.ndarray:
     """``score [B, n] = rel + alpha_v * softmax(E)`` (the per-image combined maps of
     ``SigLipEncoderLayer.forward``). ``entropy [B, 1, g, g]`` (or ``[B, n]``) with
     ``g * g = n``; may be omitted when ``alpha_v == 0``. Defaults: the released 10 % config."""
@@ -149,11 +155,14 @@ def grid_coords(regions: Sequence[tuple[int, int]], n: int) -> tuple[np.ndarray,
     return np.concatenate(reg), np.concatenate(row), np.concatenate(col)
 
 
-def select_recycle(score: Any, features: Any, *, vit_r: float = 0.11662, vit_m: float = 17.3870,
+def select_recycle(score: Any, features: Any, *, vit_r: float = 0.11661529508161146,
+                   vit_m: float = 17.386981849158786,
                    regions: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
-    """ViT-stage selection with recycling for one image (``prepare_inputs_labels_for_
-    multimodal``). ``score [N]``, ``features [N, C]``; ``regions`` as :func:`grid_coords`
-    (default: one square grid of side ``sqrt(N)``). Defaults: the released 10 % config.
+    """ViT-stage selection with recycling for one anyres image (``prepare_inputs_labels_
+    for_multimodal``, ``llava_qwen_training_free.py:566-629``). ``score [N]``, ``features
+    [N, C]``; ``regions`` as :func:`grid_coords` (default: one square grid of side
+    ``sqrt(N)``, a building block only: the official code never recycles a plain grid, see
+    :func:`select_topk`). Defaults: the released 10 % config.
 
     ``R = round(N (1 - vit_r))`` (half-to-even), ``n_merge = int(N / m^2)``; the
     ``R + n_merge`` lowest scores (stable: ties to the lower index) are removed. Removed
@@ -200,11 +209,37 @@ def select_recycle(score: Any, features: Any, *, vit_r: float = 0.11662, vit_m: 
             "removed": np.setdiff1d(low, reps), "R": R, "n_merge": n_merge}
 
 
-def select_topk(score: Any, vit_r: float) -> np.ndarray:
-    """Plain top-``(N - R)`` (video frames / non-anyres images): kept indices ascending."""
+def select_topk(score: Any, vit_r: float = 0.11661529508161146) -> np.ndarray:
+    """Plain top-``(N - R)`` of one non-anyres image (``llava_qwen_training_free.py:646-672``;
+    also video frames, ``:456-467``), no merge tokens, no recycling: kept indices, ascending
+    (the official boolean mask keeps the original token order, and its ``VIT_ATTN_MAP`` is
+    ``score[kept]`` in that order).
+
+    ``R = round(N (1 - vit_r))`` (half-to-even), keep ``N - R``: the official
+    ``729 - round(729 * (1 - vit_r))`` for the 27 x 27 SigLIP grid, with ``N`` in place of
+    its hard-coded 729. Ties at the cut: the lower index is dropped first (``torch.topk``
+    leaves them unspecified)."""
     s = np.asarray(score, np.float64).reshape(-1)
+    check_range("vit_r", vit_r, 0, 1)
+    if np.isnan(s).any():
+        raise InputError("score: contains NaN (no global token passed the threshold t?)")
     R = int(round(s.size * (1 - vit_r)))
     return np.sort(np.argsort(s, kind="stable")[R:])
+
+
+def select_plain(score: Any, features: Any, vit_r: float = 0.11661529508161146
+                 ) -> dict[str, Any]:
+    """:func:`select_topk` with the result keys of :func:`select_recycle` (no groups, no
+    representatives, features of the kept tokens unchanged, ``n_merge = 0``)."""
+    s = np.asarray(score, np.float64).reshape(-1)
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] != s.size:
+        raise InputError(f"features: expected [{s.size}, C], got shape {f.shape}")
+    kept = select_topk(s, vit_r)
+    return {"kept": kept, "features": f[kept], "kept_scores": s[kept],
+            "representatives": np.zeros(0, np.int64), "groups": [],
+            "removed": np.setdiff1d(np.arange(s.size), kept), "R": s.size - kept.size,
+            "n_merge": 0}
 
 
 def progressive_prune(score: Any, ratios: Sequence[float]) -> list[np.ndarray]:
@@ -241,13 +276,13 @@ def sequence_keep_masks(seq_len: int, image_start: int, n_image: int,
 
 @dataclass(frozen=True)
 class VFlowOptParams:
-    """Released "10 %" configuration (``llava_onevision_training_free.py``):
-    ``vit_t=39.2649, alpha_v=0, vit_m=17.3870, vit_r=0.11662, llm_r=(1.0, 0.6011)``."""
+    """Released "10 %" configuration (``lmms_eval/models/llava_onevision_training_free.py:
+    161-165``, the exact literals); the 25 % and 50 % ones are in :data:`PRESETS`."""
 
-    t: float = 39.2649
+    t: float = 39.26492840997221
     alpha_v: float = 0.0
-    vit_m: float = 17.3870
-    vit_r: float = 0.11662
+    vit_m: float = 17.386981849158786
+    vit_r: float = 0.11661529508161146
     llm_r: tuple[float, ...] = (1.0, 0.6011)
     image_token_start: int = 14
 
@@ -261,17 +296,34 @@ class VFlowOptParams:
         check_range("image_token_start", self.image_token_start, 0, integer=True)
 
 
+# Released budgets (llava_onevision_training_free.py:144-165, exact literals; 50 % and 25 %
+# are commented out there, 10 % is active).
+PRESETS: dict[str, VFlowOptParams] = {
+    "50%": VFlowOptParams(t=28.683047941520474, vit_m=11.756787150848968,
+                          vit_r=0.7233201448753168, llm_r=(0.748747637472693, 0.487)),
+    "25%": VFlowOptParams(t=34.759552803070484, vit_m=15.580797034937687,
+                          vit_r=0.2651026358526424,
+                          llm_r=(0.9833433139039235, 0.8773258179532721)),
+    "10%": VFlowOptParams(),
+}
+
+
 def run(attn: Any, features: Any, entropy: Any = None, params: VFlowOptParams = VFlowOptParams(),
         *, regions: Sequence[tuple[int, int]] | None = None, backend: str = "numpy"
         ) -> dict[str, Any]:
-    """Whole pipeline for a batch of single-grid images: map, ViT selection with recycling
-    (per image), LLM-stage stages over the kept tokens. ``keepset`` holds the ViT-stage kept
-    tokens per image (``[B, 1, K]``)."""
+    """Whole pipeline for a batch of images, each its own sample: map, ViT selection (per
+    image), LLM stages over the kept tokens (per image). ``regions is None``: plain token
+    grids, plain top-k (:func:`select_plain`, the official non-anyres path); otherwise the
+    anyres layout of every image, with recycling (:func:`select_recycle`). ``keepset`` holds
+    the ViT-stage kept tokens per image (``[B, 1, K]``)."""
     params.validate()
     score = importance_map(attn, entropy, t=params.t, alpha_v=params.alpha_v, backend=backend)
     f = np.asarray(features, np.float64)
-    res = [select_recycle(score[b], f[b], vit_r=params.vit_r, vit_m=params.vit_m,
-                          regions=regions) for b in range(score.shape[0])]
+    if regions is None:
+        res = [select_plain(score[b], f[b], params.vit_r) for b in range(score.shape[0])]
+    else:
+        res = [select_recycle(score[b], f[b], vit_r=params.vit_r, vit_m=params.vit_m,
+                              regions=regions) for b in range(score.shape[0])]
     n = score.shape[1]
     keep = KeepSet.from_lists([[r["kept"]] for r in res], q_len=n, k_len=n)
     return {"score": score, "images": res, "keepset": keep,
@@ -289,16 +341,17 @@ def vit_attention(q: np.ndarray, k: np.ndarray, scale: float | None = None) -> n
 
 
 @register_method("vflowopt", VFlowOptParams, kind="importance",
-                 summary="attention from global ViT tokens (+ entropy); grid-cell recycling",
+                 summary="attention from global ViT tokens (+ entropy); top-k of the grid",
                  paper=PAPER, code=CODE)
 def select(q: np.ndarray, k: np.ndarray, v: np.ndarray | None, params: VFlowOptParams, *,
            causal: bool = False, backend: str = "numpy") -> Selection:
-    """ViT-stage selection on one square token grid per batch item from the ViT layer's
-    q ``[B, H, n, D]`` / k ``[B, Hk, n, D]``. SigLIP attention is bidirectional, so
-    ``causal`` is not applied. Needs ``alpha_v == 0`` (no pixels here; use
-    :func:`importance_map` with an entropy map otherwise). ``extras``: ``score [B, n]``,
-    ``keepset`` (kept tokens incl. recycling representatives), ``token_mask``,
-    ``representatives``, ``llm_stages``."""
+    """ViT-stage selection on one plain (non-anyres) token grid per batch item from the ViT
+    layer's q ``[B, H, n, D]`` / k ``[B, Hk, n, D]``: the official plain top-k, no recycling
+    (``vit_m`` unused). SigLIP attention is bidirectional, so ``causal`` is not applied.
+    Needs ``alpha_v == 0`` (no pixels here; use :func:`importance_map` with an entropy map
+    otherwise). ``extras``: ``score [B, n]``, ``keepset`` (ViT-stage kept tokens),
+    ``token_mask``, ``representatives`` (empty), ``llm_stages``. Anyres layouts: :func:`run`
+    with ``regions``."""
     params.validate()
     if params.alpha_v != 0:
         raise InputError("alpha_v: select() has no pixels for the entropy term; use "

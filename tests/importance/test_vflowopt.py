@@ -1,7 +1,9 @@
 """VFlowOpt: official vectors (patch entropy in fp16/fp32, relevance and combined maps with
-the official NaN), selection with recycling, progressive pruning, errors."""
+the official NaN), released parameters (exact literals), the official non-anyres path (plain
+top-k, transliterated), anyres selection with recycling, progressive pruning, errors."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -42,7 +44,8 @@ def _scores(rng, n):
     return s
 
 
-@pytest.mark.parametrize("vit_r,vit_m", [(0.11662, 17.387), (0.5, 3.0), (0.25, 2.5)])
+@pytest.mark.parametrize("vit_r,vit_m", [(0.11661529508161146, 17.386981849158786), (0.5, 3.0),
+                                         (0.25, 2.5)])
 def test_recycling_preserves_score_weighted_sum(vit_r, vit_m):
     rng = np.random.default_rng(0)
     N, C = 729, 8
@@ -104,11 +107,23 @@ def test_pipeline_and_kernel_nan():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 2, 81, 81)) * 2
     p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
-    out = vf.run(p, rng.standard_normal((2, 81, 4)),
-                 params=vf.VFlowOptParams(t=1.0, vit_r=0.5, vit_m=3.0))
+    f = rng.standard_normal((2, 81, 4))
+    prm = vf.VFlowOptParams(t=1.0, vit_r=0.5, vit_m=3.0)
+    out = vf.run(p, f, params=prm)
     assert out["keepset"].shape == (2, 1)
-    assert out["keepset"].counts[0, 0] == out["images"][0]["kept"].size
+    assert out["keepset"].counts[0, 0] == out["images"][0]["kept"].size == 81 - round(81 * 0.5)
+    assert out["images"][0]["groups"] == [] and out["images"][0]["n_merge"] == 0
     assert len(out["llm_stages"][0]) == 2
+    # an anyres layout recycles (here: base 3 x 3 + hi-res 8 x 9 incl. newline column)
+    anyres = vf.run(p, f, params=prm, regions=[(9, 3), (72, 9)])
+    for b in range(2):
+        want = vf.select_recycle(out["score"][b], f[b], vit_r=0.5, vit_m=3.0,
+                                 regions=[(9, 3), (72, 9)])
+        got = anyres["images"][b]
+        assert got["groups"] and got["n_merge"] == int(81 / 9)
+        np.testing.assert_array_equal(got["kept"], want["kept"])
+        np.testing.assert_array_equal(got["features"], want["features"])
+        assert anyres["keepset"].counts[b, 0] == want["kept"].size
     (rel,) = dispatch("vflowopt_relevance", "numba")(p, 1e9)
     assert np.isnan(rel).all()
     with pytest.raises(InputError, match="NaN"):
@@ -137,12 +152,145 @@ def test_select_method():
     sel = refattn.select(q, k, "vflowopt", t=1.0, vit_r=0.5, vit_m=3.0)
     p = vf.vit_attention(q, k)
     np.testing.assert_allclose(p.sum(-1), 1.0)
-    want = vf.select_recycle(vf.importance_map(p, t=1.0)[0], np.zeros((81, 0)), vit_r=0.5,
-                             vit_m=3.0)["kept"]
-    np.testing.assert_array_equal(sel.extras["keepset"].kept(0, 0), want)
+    score = vf.importance_map(p, t=1.0)
+    kept, _, _, _ = _official_plain_vit(score, np.zeros((1, 81, 0)), 0.5, n_grid=81)
+    np.testing.assert_array_equal(sel.extras["keepset"].kept(0, 0), kept[0])
+    assert sel.extras["representatives"][0].size == 0
+    for m in (1.5, 40.0):                        # no recycling: vit_m plays no part
+        other = refattn.select(q, k, "vflowopt", t=1.0, vit_r=0.5, vit_m=m)
+        np.testing.assert_array_equal(other.extras["keepset"].kept(0, 0), kept[0])
     out = refattn.attention(q, k, rng.standard_normal((1, 1, 81, 16)), mask=sel)
     assert np.isfinite(out).all()
     with pytest.raises(InputError, match="alpha_v"):
         refattn.select(q, k, "vflowopt", alpha_v=0.5)
     with pytest.raises(InputError, match="vit_r"):
         refattn.select(q, k, "vflowopt", vit_r=2.0)
+
+
+# ------------------------------------------------ released parameters, official plain path
+# lmms_eval/models/llava_onevision_training_free.py:144-165 (sihany077/VFlowOpt@129eeef)
+OFFICIAL = {
+    "50%": dict(t=28.683047941520474, alpha_v=0, vit_m=11.756787150848968,
+                vit_r=0.7233201448753168, llm_r=(0.748747637472693, 0.487)),
+    "25%": dict(t=34.759552803070484, alpha_v=0, vit_m=15.580797034937687,
+                vit_r=0.2651026358526424, llm_r=(0.9833433139039235, 0.8773258179532721)),
+    "10%": dict(t=39.26492840997221, alpha_v=0, vit_m=17.386981849158786,
+                vit_r=0.11661529508161146, llm_r=(1.0, 0.6011)),
+}
+
+
+def test_defaults_are_the_official_literals():
+    ten = OFFICIAL["10%"]
+    d = vf.VFlowOptParams()
+    assert (d.t, d.alpha_v, d.vit_m, d.vit_r, d.llm_r) == (
+        ten["t"], ten["alpha_v"], ten["vit_m"], ten["vit_r"], ten["llm_r"])
+    assert d.image_token_start == 14
+    for name, want in OFFICIAL.items():
+        got = vf.PRESETS[name]
+        assert {k: getattr(got, k) for k in want} == want, name
+        assert got.image_token_start == 14
+        got.validate()
+    assert set(vf.PRESETS) == set(OFFICIAL)
+    sig = {f: inspect.signature(getattr(vf, f)).parameters
+           for f in ("importance_map", "select_recycle", "select_topk", "select_plain")}
+    assert sig["importance_map"]["t"].default == ten["t"]
+    assert sig["select_recycle"]["vit_r"].default == ten["vit_r"]
+    assert sig["select_recycle"]["vit_m"].default == ten["vit_m"]
+    assert sig["select_topk"]["vit_r"].default == ten["vit_r"]
+    assert sig["select_plain"]["vit_r"].default == ten["vit_r"]
+
+
+def _official_plain_vit(attn_maps, image_features, vit_r, n_grid=729):
+    """llava_qwen_training_free.py:649-672 (non-anyres image tensor), torch -> NumPy;
+    ``n_grid`` stands for the hard-coded 729 (SigLIP 27 x 27)."""
+    reduce_tokens_per_img = round(n_grid * (1 - vit_r))
+    image_tokens_per_img = n_grid - reduce_tokens_per_img
+    image_token_length = image_tokens_per_img * len(image_features)
+    batch_size, num_tokens = attn_maps.shape
+    mask = np.zeros_like(attn_maps, dtype=bool)
+    for i in range(batch_size):
+        attn_map = attn_maps[i]
+        topk_indices = np.argsort(-attn_map)[:image_tokens_per_img]      # torch.topk(k).indices
+        mask[i, topk_indices] = True
+    selected_features_per_img = []
+    for i in range(batch_size):
+        selected_features_per_img.append(image_features[i, mask[i]])
+    image_features = np.stack(selected_features_per_img, axis=0)
+    image_attn_map = attn_maps[mask]                                     # -> VIT_ATTN_MAP
+    kept = [np.nonzero(mask[i])[0] for i in range(batch_size)]
+    return kept, image_features, image_attn_map, image_token_length
+
+
+def _official_llm_stages(vit_attn_map, image_token_length, llm_r, start=14, tail=5):
+    """transformers-4.46.0/.../modeling_qwen2.py:1030-1054 (forward_illava, KV-cache prefill):
+    the del_musks of every LLM stage, composed into kept image-token indices."""
+    combined_attn = np.asarray(vit_attn_map)
+    len_hidden_states = start + image_token_length + tail
+    alive = np.arange(len_hidden_states)                 # original position of each slot
+    stages = []
+    for r_val in llm_r:
+        all_indices = np.argsort(combined_attn, kind="stable")          # torch.sort().indices
+        r = round(image_token_length * (1 - r_val))
+        low_k = all_indices[:r]
+        del_musk = np.ones(len_hidden_states, dtype=bool)
+        del_musk[start + low_k] = False
+        combined_attn = combined_attn[del_musk[start:start + image_token_length]]
+        image_token_length -= r
+        len_hidden_states -= r
+        alive = alive[del_musk]
+        img = alive[(alive >= start) & (alive < start + len(vit_attn_map))] - start
+        stages.append(img)
+    return stages
+
+
+def _vit_attention_with_sinks(rng, B, H, n, sinks=(3, 200, 517)):
+    """Softmax attention in which a few key tokens draw most of the attention (so the global
+    set at the released thresholds t ~ 29..39 is not empty)."""
+    x = rng.standard_normal((B, H, n, n))
+    x[..., list(sinks)] += 6.0
+    x -= x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL))
+def test_plain_grid_is_the_official_topk(preset):
+    """Non-anyres image (``regions=None``): ``run`` equals the transliterated official path,
+    ViT stage (kept indices in order, features, VIT_ATTN_MAP) and LLM stages."""
+    rng = np.random.default_rng(5)
+    B, N, C = 2, 729, 6
+    attn = _vit_attention_with_sinks(rng, B, 2, N)
+    feats = rng.standard_normal((B, N, C))
+    prm = vf.PRESETS[preset]
+    out = vf.run(attn, feats, params=prm)
+    score = out["score"]
+    assert not np.isnan(score).any()
+    kept, f_sel, vit_map, length = _official_plain_vit(score, feats, prm.vit_r)
+    assert length == B * (729 - round(729 * (1 - prm.vit_r)))
+    for b, im in enumerate(out["images"]):
+        assert im["kept"].size == 729 - round(729 * (1 - prm.vit_r))
+        np.testing.assert_array_equal(im["kept"], kept[b])
+        np.testing.assert_array_equal(im["features"], f_sel[b])
+        assert im["groups"] == [] and im["representatives"].size == 0 and im["n_merge"] == 0
+        np.testing.assert_array_equal(out["keepset"].kept(b, 0), kept[b])
+        # one image per sample: VIT_ATTN_MAP is that image's kept scores, in token order
+        per_img = vit_map[b * kept[b].size:(b + 1) * kept[b].size]
+        np.testing.assert_array_equal(im["kept_scores"], per_img)
+        want = _official_llm_stages(per_img, kept[b].size, prm.llm_r)
+        got = out["llm_stages"][b]
+        assert len(got) == len(want) == len(prm.llm_r)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_plain_topk_counts_and_ties():
+    # counts: N - round(N (1 - vit_r)), half-to-even as Python's round / torch
+    s = np.arange(10.0)[::-1].copy()
+    assert vf.select_topk(s, 0.25).tolist() == [0, 1]                # R = round(7.5) = 8
+    assert vf.select_topk(s, 0.75).tolist() == list(range(8))        # R = round(2.5) = 2
+    # ties at the cut: the lower index is dropped first (kept ascending)
+    assert vf.select_topk(np.array([1.0, 2.0, 1.0, 1.0, 3.0]), 0.6).tolist() == [1, 3, 4]
+    with pytest.raises(InputError, match="NaN"):
+        vf.select_topk(np.array([np.nan, 1.0]), 0.5)
+    with pytest.raises(InputError, match="features"):
+        vf.select_plain(np.ones(4), np.zeros((3, 2)))
