@@ -37,7 +37,7 @@ from ..core.errors import InputError
 from ..core.registry import register
 from ..reference.pyramid import check_kernel, check_new_kernel_levels
 from ._blas import single_threaded_blas
-from .flags import NJIT_OPTIONS
+from .flags import NJIT_HELPER_OPTIONS, NJIT_OPTIONS
 
 
 def _as64(x: Any, name: str) -> np.ndarray:
@@ -62,6 +62,26 @@ def _pooled_tables(x: np.ndarray, block_k: int, used: list[int]) -> tuple[np.nda
         offs.append(at)
         at += n
     return np.ascontiguousarray(np.concatenate(parts, axis=2)), np.asarray(offs, np.int64)
+
+
+@njit(**NJIT_HELPER_OPTIONS)
+def _gather_rows(kt: np.ndarray, vt: np.ndarray, b: int, g: int, start: int, row0: int,
+                 count: int, lvl: int, stop: int, kbuf: np.ndarray, vbuf: np.ndarray,
+                 bias: np.ndarray, last: np.ndarray, n: int) -> int:  # pragma: no cover
+    """Append pooled rows ``row0 .. row0 + count - 1`` of level ``lvl`` (its table part
+    starts at ``start``) to the buffers at ``n``, with bias ``ln lvl`` and last key index
+    ``(row + 1) lvl - 1``; stop at the first row whose first key is ``>= stop``. Returns the
+    new fill."""
+    lb_ = math.log(lvl)
+    for r in range(row0, row0 + count):
+        if r * lvl >= stop:
+            break
+        kbuf[n, :] = kt[b, g, start + r, :]
+        vbuf[n, :] = vt[b, g, start + r, :]
+        bias[n] = lb_
+        last[n] = (r + 1) * lvl - 1
+        n += 1
+    return n
 
 
 @njit(**NJIT_OPTIONS)
@@ -99,47 +119,25 @@ def _pyramid_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, levels: np.nd
                 if lvl <= 0:
                     continue
                 per = block_k // lvl
-                base = offs[slot[lvl]] + J * per
-                lb_ = math.log(lvl)
-                for gi in range(per):
-                    first = J * block_k + gi * lvl
-                    if lvl == 1 and first >= Sk:
-                        break
-                    kbuf[n, :] = kt[b, g, base + gi, :]
-                    vbuf[n, :] = vt[b, g, base + gi, :]
-                    bias[n] = lb_
-                    last[n] = first + lvl - 1
-                    n += 1
+                n = _gather_rows(kt, vt, b, g, offs[slot[lvl]], J * per, per, lvl,
+                                 Sk if lvl == 1 else kpad, kbuf, vbuf, bias, last, n)
         else:
             for li in range(4):                      # levels 1, 2, 4, 8 (the walk's order)
                 lvl = 1 << li
                 per = block_k // lvl
-                lb_ = math.log(lvl)
                 span = per // tile_n * tile_n if per >= tile_n else per
                 cnt = 0
                 for J in range(nkb):
                     if levels[lb, lh, I, J] != lvl:
                         continue
                     cnt += 1
-                    base = offs[slot[lvl]] + J * per
-                    for gi in range(span):
-                        first = J * block_k + gi * lvl
-                        if lvl == 1 and first >= Sk:
-                            break
-                        kbuf[n, :] = kt[b, g, base + gi, :]
-                        vbuf[n, :] = vt[b, g, base + gi, :]
-                        bias[n] = lb_
-                        last[n] = first + lvl - 1
-                        n += 1
+                    n = _gather_rows(kt, vt, b, g, offs[slot[lvl]], J * per, span, lvl,
+                                     Sk if lvl == 1 else kpad, kbuf, vbuf, bias, last, n)
                 if cnt > 0 and per < tile_n:         # lanes [2P, tile_n): rows 2P.., per pair
-                    base = offs[slot[lvl]]
                     for _ in range(cnt // 2):
-                        for t in range(2 * per, min(tile_n, nkb * per)):
-                            kbuf[n, :] = kt[b, g, base + t, :]
-                            vbuf[n, :] = vt[b, g, base + t, :]
-                            bias[n] = lb_
-                            last[n] = (t + 1) * lvl - 1
-                            n += 1
+                        n = _gather_rows(kt, vt, b, g, offs[slot[lvl]], 2 * per,
+                                         min(tile_n, nkb * per) - 2 * per, lvl, kpad,
+                                         kbuf, vbuf, bias, last, n)
         if n == 0:
             for t in range(nr):
                 for d in range(Dv):
