@@ -224,14 +224,10 @@ def budgets_from_mass(a: Any, gamma: float, valid: np.ndarray, min_budget: int,
 
 
 def _group_size(params: ProxyAttnParams, hq: int, hkv: int) -> int:
-    """Query heads per proxy: a multiple of the GQA group dividing ``Hq`` (paper: groups
-    are aligned with the keys)."""
-    G = hq // hkv
-    g = G if params.group_size is None else int(params.group_size)
-    if hq % g or g % G:
-        raise InputError(f"group_size: expected a multiple of the GQA group ({G}) dividing "
-                         f"Hq={hq}, got {params.group_size}")
-    return g
+    """Query heads per proxy (``None``: the GQA group). The scoring op of every backend
+    checks that it is a multiple of the GQA group dividing ``Hq`` (groups aligned with the
+    keys)."""
+    return hq // hkv if params.group_size is None else int(params.group_size)
 
 
 # ------------------------------------------------------------------ method
