@@ -47,6 +47,11 @@ PAPER = ("Yang et al., VFlowOpt: A Token Pruning Framework for LMMs with Visual 
          "Flow-Guided Optimization, ICCV 2025, arXiv 2508.05211")
 CODE = "sihany077/VFlowOpt@129eeefb97d057c3507836d79e7e7bafd0bc6076"
 GREY_WEIGHT = np.float32(0.3333)     # official grey weights (sum 0.9999)
+# The released "10 %" budget, the defaults everywhere below (llava_onevision_training_free.py
+# 161-165, exact literals).
+T_10 = 39.26492840997221
+VIT_M_10 = 17.386981849158786
+VIT_R_10 = 0.11661529508161146
 
 
 # ------------------------------------------------------------------ entropy
@@ -115,7 +120,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def importance_map(attn: Any, entropy: Any = None, *, t: float = 39.26492840997221,
+def importance_map(attn: Any, entropy: Any = None, *, t: float = T_10,
                    alpha_v: float = 0.0, backend: str = "numpy") -> np.ndarray:
     """``score [B, n] = rel + alpha_v * softmax(E)`` (the per-image combined maps of
     ``SigLipEncoderLayer.forward``). ``entropy [B, 1, g, g]`` (or ``[B, n]``) with
@@ -155,8 +160,8 @@ def grid_coords(regions: Sequence[tuple[int, int]], n: int) -> tuple[np.ndarray,
     return np.concatenate(reg), np.concatenate(row), np.concatenate(col)
 
 
-def select_recycle(score: Any, features: Any, *, vit_r: float = 0.11661529508161146,
-                   vit_m: float = 17.386981849158786,
+def select_recycle(score: Any, features: Any, *, vit_r: float = VIT_R_10,
+                   vit_m: float = VIT_M_10,
                    regions: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """ViT-stage selection with recycling for one anyres image (``prepare_inputs_labels_
     for_multimodal``, ``llava_qwen_training_free.py:566-629``). ``score [N]``, ``features
@@ -209,7 +214,7 @@ def select_recycle(score: Any, features: Any, *, vit_r: float = 0.11661529508161
             "removed": np.setdiff1d(low, reps), "R": R, "n_merge": n_merge}
 
 
-def select_topk(score: Any, vit_r: float = 0.11661529508161146) -> np.ndarray:
+def select_topk(score: Any, vit_r: float = VIT_R_10) -> np.ndarray:
     """Plain top-``(N - R)`` of one non-anyres image (``llava_qwen_training_free.py:646-672``;
     also video frames, ``:456-467``), no merge tokens, no recycling: kept indices, ascending
     (the official boolean mask keeps the original token order, and its ``VIT_ATTN_MAP`` is
@@ -227,7 +232,7 @@ def select_topk(score: Any, vit_r: float = 0.11661529508161146) -> np.ndarray:
     return np.sort(np.argsort(s, kind="stable")[R:])
 
 
-def select_plain(score: Any, features: Any, vit_r: float = 0.11661529508161146
+def select_plain(score: Any, features: Any, vit_r: float = VIT_R_10
                  ) -> dict[str, Any]:
     """:func:`select_topk` with the result keys of :func:`select_recycle` (no groups, no
     representatives, features of the kept tokens unchanged, ``n_merge = 0``)."""
@@ -279,10 +284,10 @@ class VFlowOptParams:
     """Released "10 %" configuration (``lmms_eval/models/llava_onevision_training_free.py:
     161-165``, the exact literals); the 25 % and 50 % ones are in :data:`PRESETS`."""
 
-    t: float = 39.26492840997221
+    t: float = T_10
     alpha_v: float = 0.0
-    vit_m: float = 17.386981849158786
-    vit_r: float = 0.11661529508161146
+    vit_m: float = VIT_M_10
+    vit_r: float = VIT_R_10
     llm_r: tuple[float, ...] = (1.0, 0.6011)
     image_token_start: int = 14
 
